@@ -1,0 +1,1 @@
+"""Benchmark suite of lorafast (installed as ``lorafast.bench``)."""

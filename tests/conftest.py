@@ -1,0 +1,28 @@
+"""Test setup: Triton kernels run in the CPU interpreter unless a GPU is present.
+
+``TRITON_INTERPRET`` must be set before triton is imported anywhere, so it is set here, at the
+top of the first module pytest loads. On a machine with CUDA, set ``LORAFAST_TEST_CUDA=1`` to
+leave the interpreter off and run the ``cuda``-marked tests on the GPU.
+"""
+import os
+
+if os.environ.get("LORAFAST_TEST_CUDA", "0") in ("", "0"):
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with the interpreter off (LORAFAST_TEST_CUDA=1)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
