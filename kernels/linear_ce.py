@@ -1,0 +1,417 @@
+"""Fused output projection + cross-entropy (training) and + softmax (inference), in Triton.
+
+The logits ``z = h @ W.T + b`` (``h [N, D]``, ``W [V, D]``, ``b [V]``) are the largest tensor of
+LM training; these kernels never hold more than one ``[BLOCK_N, BLOCK_V]`` tile of them.
+
+* ``_lse_kernel``: per row, the log-sum-exp of ``z * scale`` over a range of vocabulary tiles
+  (online max/sum with ``exp2``, fp32) and the logit of the target when it falls in that range.
+  The vocabulary can be split into ``SPLIT`` ranges (grid axis 1) for parallelism when N is
+  small; the launcher combines the partial LSEs with one ``logsumexp`` over ``[SPLIT, N]``.
+* ``_ce_bwd_kernel``: recomputes one logit tile, forms ``dz = (softmax(z) - onehot(y)) * g``
+  and adds ``dz @ W`` into ``dh``, ``dz.T @ h`` into ``dW`` and ``sum(dz)`` into ``db`` with
+  fp32 atomics (Cut Cross-Entropy's ``cce_backward``): each logit tile is recomputed exactly
+  once, so fwd+bwd costs four N·V·D GEMMs, the speed of light without stored logits. The
+  price is that fp32 additions land in a run-dependent order (last-bit nondeterminism of the
+  fp32 accumulators, well under the final cast to fp16/bf16). The deterministic alternative
+  (one kernel over (V, D) blocks looping over N for dW, one over (N, D) looping over V for dh)
+  recomputes every logit tile ``2·ceil(D / BLOCK_D)`` times; at D = 1024 that is 16 GEMMs
+  instead of 4, so it is not shipped.
+* ``_softmax_write_kernel``: second pass of the fused softmax: recomputes a logit tile and
+  writes ``softmax(z * scale)`` (or its log) normalised with the LSE of the first pass.
+
+Targets are never used as addresses: they are only compared with column indices, so an
+out-of-range target cannot cause an out-of-bounds access (the op layer flags such rows).
+
+Lineage: apple/ml-cross-entropy (``cce_lse_forward.py``, ``cce_backward.py``); Triton tutorials
+03 (tiled matmul) and 06 (online softmax with exp2). Tested: Triton interpreter on CPU (fp32,
+fp16); compiled ahead of time for sm_90 and sm_80 by :mod:`lorafast.compile_gate`.
+
+Tile configs (no GPU was available when they were chosen): BLOCK_N = BLOCK_V = 128 and
+BLOCK_D = 64 with 8 warps follow CCE's autotune space (``tl_autotune.py``: 128/256 × 128/256 ×
+32/64, 4-8 warps) and Triton tutorial 03's best fp16 config for Hopper (128×128×64, 3-4 stages);
+num_stages was lowered until every config fit shared memory without spills on sm_80 and sm_90
+(``python -m lorafast.compile_gate --filter linear_ce``). To re-tune on H200: sweep BLOCK_V in
+{128, 256}, BLOCK_D in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4} with
+``python -m lorafast.bench.linear_ce`` and replace the entries of ``_CONFIGS``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv, stride_wd,
+                N, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """z[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v].T (+ b[offs_v]), fp32 accumulation."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = (d0 + offs_d) < D
+        h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _lse_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, zt_ptr,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    # sizes
+    N, V, D, TILES_PER_SPLIT,
+    # runtime scalars
+    scale,
+    # constexprs
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial log-sum-exp of scaled logits over one vocabulary split, and the target logit.
+
+    Math: z = h W^T + b; lse[s, n] = log sum_{v in split s} exp(scale * z[n, v]);
+          zt[s, n] = z[n, y_n] if y_n lies in split s else 0 (unscaled). Not differentiated here.
+    Shapes: h [N, D], W [V, D] (any strides), b [V], y [N] int64; lse, zt [SPLIT, N] contiguous;
+            grid (cdiv(N, BLOCK_N), SPLIT); split s covers tiles [s*TILES_PER_SPLIT, +TILES_PER_SPLIT).
+    Dtypes: h, W, b fp32/fp16/bf16 (h and W the same); dot and online max/sum in fp32; out fp32.
+    Mutates: writes lse and zt (every row < N of its split); reads everything else.
+    Preconditions: every split has >= 1 tile with a column < V; y is only compared, never an address.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_TARGET:
+        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    # online log-sum-exp in base 2: m2 = running max of z*scale*log2(e), s = sum exp2(. - m2)
+    m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    scale2 = scale * 1.4426950408889634
+    v_start = pid_s.to(tl.int64) * TILES_PER_SPLIT * BLOCK_V
+    v_end = tl.minimum(v_start + TILES_PER_SPLIT * BLOCK_V, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
+                        stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+        if HAS_TARGET:
+            zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        x2 = tl.where((offs_v < V)[None, :], z * scale2, float("-inf"))
+        m_new = tl.maximum(m2, tl.max(x2, axis=1))
+        s = s * tl.exp2(m2 - m_new) + tl.sum(tl.exp2(x2 - m_new[:, None]), axis=1)
+        m2 = m_new
+    lse = (m2 + tl.log2(s)) * 0.6931471805599453  # back to natural log
+    tl.store(lse_ptr + pid_s * N + offs_n, lse, mask=mask_n)
+    if HAS_TARGET:
+        tl.store(zt_ptr + pid_s * N + offs_n, zt, mask=mask_n)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    # sizes
+    N, V, D,
+    # constexprs
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Gradients of loss_n = g_n * (lse_n - z[n, y_n]) for one (row block, vocab block) tile.
+
+    Math: dz = (exp(z - lse) - onehot(y)) * g[:, None]; dh += dz W; dW += dz^T h; db += sum_n dz.
+    Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dh [N, D], dW [V, D], db [V]
+            contiguous fp32; grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
+    Dtypes: recomputed z and dz in fp32; dz is cast to the input dtype for the two tensor-core
+            dots (fp32 accumulation); dh, dW, db accumulate in fp32 with atomic adds.
+    Mutates: adds into dh, dW, db (zero-initialised by the launcher); reads everything else.
+    Preconditions: lse is the fp32 LSE of z per row; g = 0 for ignored rows; y never an address.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
+                    stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    # softmax recomputed from the saved LSE: p = exp2((z - lse) * log2 e)
+    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+    dz = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz * g[:, None], 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    dzc = dz.to(h_ptr.dtype.element_ty)
+    h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+    dh_ptrs = dh_ptr + offs_n[:, None] * D + offs_d[None, :]
+    dw_ptrs = dw_ptr + offs_v[:, None] * D + offs_d[None, :]
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = (d0 + offs_d) < D
+        if COMPUTE_DH:
+            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            dh = tl.dot(dzc, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
+            tl.atomic_add(dh_ptrs, dh, mask=mask_n[:, None] & mask_d[None, :])
+        if COMPUTE_DW:
+            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            dw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
+            tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_d[None, :])
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+        dh_ptrs += BLOCK_D
+        dw_ptrs += BLOCK_D
+
+
+@triton.jit
+def _softmax_write_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, lse_ptr, out_ptr,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_on, stride_ov,
+    # sizes
+    N, V, D,
+    # runtime scalars
+    scale,
+    # constexprs
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_LOG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Second pass of the fused softmax: recompute one logit tile and write it normalised.
+
+    Math: out = exp(scale * z - lse) (IS_LOG: scale * z - lse), z = h W^T + b. No gradient.
+    Shapes: h [N, D], W [V, D], b [V], lse [N] (LSE of scale * z), out [N, V] (any strides);
+            grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
+    Dtypes: z, out computed in fp32, stored in out's dtype.
+    Mutates: writes its tile of out; reads everything else.
+    Preconditions: lse from _lse_kernel with the same scale (all splits combined).
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
+                    stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    if IS_LOG:
+        out = z * scale - lse[:, None]
+    else:
+        out = tl.exp2((z * scale - lse[:, None]) * 1.4426950408889634)
+    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_v[None, :] * stride_ov
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+
+
+# One config per (kernel, dtype class). fp32 inputs use "ieee" dots (no TF32), so smaller tiles.
+_CONFIGS = {
+    ("lse", "half"): TileConfig(128, 128, 64, 8, 3),
+    ("bwd", "half"): TileConfig(128, 128, 64, 8, 2),
+    ("write", "half"): TileConfig(128, 128, 64, 8, 3),
+    ("lse", "fp32"): TileConfig(64, 64, 32, 4, 2),
+    ("bwd", "fp32"): TileConfig(32, 32, 32, 4, 2),
+    ("write", "fp32"): TileConfig(64, 64, 32, 4, 2),
+}
+
+
+def _config(kind: str, dtype: torch.dtype, device: torch.device, N: int, D: int) -> TileConfig:
+    if device.type != "cuda":
+        # Triton interpreter (CPU): cost is per program and per loop step, not per element,
+        # so take wide vocabulary tiles and rows/features sized to the problem.
+        return TileConfig(min(64, max(16, triton.next_power_of_2(N))), 256,
+                          min(64, max(16, triton.next_power_of_2(D))), 1, 1)
+    return _CONFIGS[(kind, "fp32" if dtype == torch.float32 else "half")]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT, TILES_PER_SPLIT): split the vocabulary until the grid fills ~2 waves of SMs."""
+    if device.type != "cuda":
+        return 1, n_tiles  # interpreter: fewer programs run faster
+    want = max(1, triton.cdiv(2 * _num_sms(device.index or 0), n_blocks))
+    per = triton.cdiv(n_tiles, min(want, n_tiles))
+    return triton.cdiv(n_tiles, per), per
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (inputs validated by lorafast.ops._linear_ce; nothing here checks them again)
+# ----------------------------------------------------------------------------------------------
+def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor | None, scale: float = 1.0):
+    """Per-row LSE of ``scale * (h @ W.T + b)`` (fp32 [N]) and the target logit (fp32 [N] or None)."""
+    N, D = h.shape
+    V = weight.shape[0]
+    cfg = _config("lse", h.dtype, h.device, N, D)
+    n_blocks = triton.cdiv(N, cfg.BLOCK_N)
+    split, per = _splits(n_blocks, triton.cdiv(V, cfg.BLOCK_V), h.device)
+    lse = torch.empty((split, N), device=h.device, dtype=torch.float32)
+    zt = torch.empty((split, N), device=h.device, dtype=torch.float32) if targets is not None else lse
+    _lse_kernel[(n_blocks, split)](
+        h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h,
+        tgt_ptr=targets if targets is not None else lse, lse_ptr=lse, zt_ptr=zt,
+        stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        N=N, V=V, D=D, TILES_PER_SPLIT=per, scale=float(scale),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        HAS_BIAS=bias is not None, HAS_TARGET=targets is not None, DOT_PRECISION=_precision(h.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split == 1:
+        return lse[0], (zt[0] if targets is not None else None)
+    return torch.logsumexp(lse, dim=0), (zt.sum(0) if targets is not None else None)
+
+
+def ce_backward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool):
+    """fp32 (dh [N, D] | None, dW [V, D] | None, db [V] | None) for loss_n = g_n (lse_n - z[n, y_n])."""
+    N, D = h.shape
+    V = weight.shape[0]
+    cfg = _config("bwd", h.dtype, h.device, N, D)
+    dev = h.device
+    dh = torch.zeros((N, D), device=dev, dtype=torch.float32) if need_dh else None
+    dw = torch.zeros((V, D), device=dev, dtype=torch.float32) if need_dw else None
+    need_db = need_db and bias is not None
+    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_db else None
+    if not (need_dh or need_dw or need_db):
+        return dh, dw, db
+    dummy = lse
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
+    _ce_bwd_kernel[grid](
+        h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, tgt_ptr=targets, lse_ptr=lse,
+        g_ptr=grad_rows, dh_ptr=dh if dh is not None else dummy, dw_ptr=dw if dw is not None else dummy,
+        db_ptr=db if db is not None else dummy,
+        stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        N=N, V=V, D=D, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+        DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dh, dw, db
+
+
+def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                    log: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scale * (h @ W.T + b)) (or log_softmax) as a new [N, V] tensor of ``out_dtype``."""
+    N, D = h.shape
+    V = weight.shape[0]
+    lse, _ = lse_forward(h, weight, bias, None, scale)
+    out = torch.empty((N, V), device=h.device, dtype=out_dtype)
+    cfg = _config("write", h.dtype, h.device, N, D)
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
+    _softmax_write_kernel[grid](
+        h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, lse_ptr=lse, out_ptr=out,
+        stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        stride_on=out.stride(0), stride_ov=out.stride(1), N=N, V=V, D=D, scale=float(scale),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None,
+        IS_LOG=log, DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile gate
+# ----------------------------------------------------------------------------------------------
+def compile_configs():
+    """Every half-precision configuration the launchers ship (fp16/bf16 × bias/no bias × flags).
+
+    fp32 inputs run "ieee" dots (no tensor cores by design, for accuracy), listed with
+    needs_mma=False so the gate still checks their registers and shared memory.
+    """
+    from lorafast.compile_gate import KernelConfig
+
+    T = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    out = []
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        t = T[dt]
+        mma = dt != torch.float32
+        prec = _precision(dt)
+        biases = (True, False) if dt == torch.float16 else ((True,) if dt == torch.float32 else (True, False))
+        for has_bias in biases:
+            sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
+            c = _CONFIGS[("lse", "fp32" if dt == torch.float32 else "half")]
+            sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+                   "zt_ptr": "*fp32", "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64",
+                   "stride_wd": "constexpr", "N": "i32", "V": "i32", "D": "i32", "TILES_PER_SPLIT": "i32",
+                   "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
+                   "HAS_BIAS": "constexpr", "HAS_TARGET": "constexpr", "DOT_PRECISION": "constexpr"}
+            ce = {"stride_hd": 1, "stride_wd": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
+                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
+            aligned = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "lse_ptr", "zt_ptr", "stride_hn", "stride_wv", "D")
+            for has_tgt in ((True, False) if dt == torch.bfloat16 and has_bias else (True,)):
+                out.append(KernelConfig(
+                    name=f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", fn=_lse_kernel,
+                    signature=sig, constexprs={**ce, "HAS_TARGET": has_tgt}, num_warps=c.num_warps,
+                    num_stages=c.num_stages, aligned=aligned, needs_mma=mma))
+            c = _CONFIGS[("bwd", "fp32" if dt == torch.float32 else "half")]
+            sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+                   "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+                   "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64", "stride_wd": "constexpr",
+                   "N": "i32", "V": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+                   "BLOCK_D": "constexpr", "HAS_BIAS": "constexpr", "COMPUTE_DH": "constexpr",
+                   "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "DOT_PRECISION": "constexpr"}
+            ce = {"stride_hd": 1, "stride_wd": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
+                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": has_bias, "COMPUTE_DH": True, "COMPUTE_DW": True,
+                  "COMPUTE_DB": has_bias, "DOT_PRECISION": prec}
+            aligned = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "lse_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr",
+                       "stride_hn", "stride_wv", "D")
+            out.append(KernelConfig(name=f"linear_ce_bwd_{sfx}", fn=_ce_bwd_kernel, signature=sig,
+                                    constexprs=ce, num_warps=c.num_warps, num_stages=c.num_stages,
+                                    aligned=aligned, needs_mma=mma))
+        if dt == torch.float16:
+            continue
+        c = _CONFIGS[("write", "fp32" if dt == torch.float32 else "half")]
+        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "lse_ptr": "*fp32", "out_ptr": f"*{t}",
+               "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64", "stride_wd": "constexpr",
+               "stride_on": "i64", "stride_ov": "constexpr", "N": "i32", "V": "i32", "D": "i32",
+               "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
+               "HAS_BIAS": "constexpr", "IS_LOG": "constexpr", "DOT_PRECISION": "constexpr"}
+        for is_log in ((False, True) if mma else (False,)):
+            ce = {"stride_hd": 1, "stride_wd": 1, "stride_ov": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
+                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": True, "IS_LOG": is_log, "DOT_PRECISION": prec}
+            out.append(KernelConfig(
+                name=f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", fn=_softmax_write_kernel,
+                signature=sig, constexprs=ce, num_warps=c.num_warps, num_stages=c.num_stages,
+                aligned=("h_ptr", "w_ptr", "b_ptr", "lse_ptr", "out_ptr", "stride_hn", "stride_wv",
+                         "stride_on", "D"), needs_mma=mma))
+    return out

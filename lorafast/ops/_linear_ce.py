@@ -1,0 +1,317 @@
+"""Fused output projection + cross-entropy / softmax that never holds the N x V logits.
+
+``linear_cross_entropy(h, W, b, y)`` equals ``F.cross_entropy(F.linear(h, W, b), y)`` and
+``linear_softmax(h, W, b)`` equals ``softmax(F.linear(h, W, b) / temperature)``, but neither
+materialises the logits: the Triton path (:mod:`lorafast.kernels.linear_ce`) works on tiles, the
+PyTorch path on row chunks of at most ``_CHUNK_ELEMS`` logits, recomputed in the backward.
+
+Dtype policy: h, W, b in fp32/fp16/bf16 (all the same dtype); logits, LSE and gradients
+accumulate in fp32; the loss is fp32; dh, dW, db come back in the input dtype;
+``linear_softmax`` returns the input dtype (what ``torch.softmax`` of the input-dtype logits
+returns; internally fp32, rounded once at the store).
+
+Out-of-range targets (not ``ignore_index`` and outside [0, V)) never become addresses: the
+kernels only compare targets with column indices. ``check`` chooses when they are reported:
+``None`` (default) raises ValueError eagerly for CPU tensors (free there) and, for CUDA tensors,
+adds no host sync: such rows get a NaN loss (and NaN reaches the mean/sum), computed on device;
+``True`` always validates eagerly (one host sync on CUDA); ``False`` never raises (NaN rows only).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import resolve_impl
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# PyTorch path: logits held per chunk (fp32 elements); 2**22 = 16 MiB.
+_CHUNK_ELEMS = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCEOptions:
+    ignore_index: int = -100
+    reduction: str = "mean"
+    impl: str = "auto"
+    check: Optional[bool] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _check_linear(op: str, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    for name, t in (("h", h), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if h.dtype not in _FLOATS:
+        raise TypeError(f"{op}: h must be float32, float16 or bfloat16, got {h.dtype}")
+    if h.dim() < 2:
+        raise ValueError(f"{op}: h must have shape [..., D], got {tuple(h.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must have shape [V, D], got {tuple(weight.shape)}")
+    if weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"{op}: weight is {tuple(weight.shape)} but h has D = {h.shape[-1]}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{op}: weight must have V > 0 and D > 0, got {tuple(weight.shape)}")
+    if weight.dtype != h.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from h dtype {h.dtype}")
+    if weight.device != h.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but h is on {h.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{op}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != h.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} differs from h dtype {h.dtype}")
+        if bias.device != h.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but h is on {h.device}")
+
+
+def _bad_targets(targets: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+    """Bool [N] on device: targets that are neither ignore_index nor in [0, V)."""
+    return (targets != ignore_index) & ((targets < 0) | (targets >= V))
+
+
+def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
+    op = "linear_cross_entropy"
+    _check_linear(op, h, weight, bias)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{op}: targets must be int64, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(h.shape[:-1]):
+        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} must equal h.shape[:-1] = {tuple(h.shape[:-1])}")
+    if targets.device != h.device:
+        raise ValueError(f"{op}: targets are on {targets.device} but h is on {h.device}")
+    if opts.reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
+    if not isinstance(opts.ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    eager = opts.check if opts.check is not None else h.device.type == "cpu"
+    if eager and targets.numel():
+        bad = _bad_targets(targets, weight.shape[0], opts.ignore_index)
+        if bool(bad.any()):  # one sync on CUDA, only with check=True
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: target {int(targets.reshape(-1)[i])} at flat index {i} is outside "
+                             f"[0, {weight.shape[0]}) and is not ignore_index={opts.ignore_index}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch path: row chunks, logits recomputed in the backward
+# ----------------------------------------------------------------------------------------------
+def _chunk_rows(V: int) -> int:
+    return max(1, _CHUNK_ELEMS // V)
+
+
+def _torch_lse(h, weight, bias, targets, scale: float = 1.0):
+    """fp32 (lse [N], target logit [N] | None), chunk by chunk; targets already made safe."""
+    N = h.shape[0]
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    lse = torch.empty(N, dtype=torch.float32, device=h.device)
+    zt = torch.empty(N, dtype=torch.float32, device=h.device) if targets is not None else None
+    r = _chunk_rows(weight.shape[0])
+    for i in range(0, N, r):
+        z = F.linear(h[i:i + r].float(), w, b)  # [r, V] fp32
+        if targets is not None:
+            zt[i:i + r] = z.gather(1, targets[i:i + r, None])[:, 0]
+        if scale != 1.0:
+            z.mul_(scale)
+        lse[i:i + r] = torch.logsumexp(z, dim=1)
+    return lse, zt
+
+
+def _torch_ce_backward(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+    N, D = h.shape
+    V = weight.shape[0]
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    dh = torch.empty((N, D), dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=h.device) if need_dw else None
+    db = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_db else None
+    r = _chunk_rows(V)
+    for i in range(0, N, r):
+        hc = h[i:i + r].float()
+        z = F.linear(hc, w, b)
+        # dz = (softmax(z) - onehot(y)) * g, in place on the recomputed chunk
+        dz = z.sub_(lse[i:i + r, None]).exp_()
+        dz.scatter_add_(1, targets[i:i + r, None], torch.full_like(lse[i:i + r, None], -1.0))
+        dz.mul_(g[i:i + r, None])
+        if need_dh:
+            torch.mm(dz, w, out=dh[i:i + r])
+        if need_dw:
+            dw.addmm_(dz.t(), hc)
+        if need_db:
+            db.add_(dz.sum(0))
+    return dh, dw, db
+
+
+def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
+    N = h.shape[0]
+    V = weight.shape[0]
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    out = torch.empty((N, V), dtype=h.dtype, device=h.device)
+    r = _chunk_rows(V)
+    for i in range(0, N, r):
+        z = F.linear(h[i:i + r].float(), w, b)
+        if scale != 1.0:
+            z.mul_(scale)
+        out[i:i + r] = torch.log_softmax(z, 1) if log else torch.softmax(z, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (2-D h; the public wrappers flatten leading dims)
+# ----------------------------------------------------------------------------------------------
+def _safe_targets(targets: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+    """Targets with ignored / out-of-range entries replaced by 0, so the torch path may gather."""
+    ok = (targets >= 0) & (targets < V)
+    return torch.where(ok, targets, torch.zeros_like(targets))
+
+
+@torch.library.custom_op("lorafast::linear_ce_fwd", mutates_args=())
+def _ce_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss per row fp32 [N]: 0 where ignored, NaN where the target is out of range; lse fp32 [N])."""
+    V = weight.shape[0]
+    if h.shape[0] == 0:
+        e = h.new_empty((0,), dtype=torch.float32)
+        return e, e.clone()
+    if impl == "triton":
+        from lorafast.kernels.linear_ce import lse_forward
+
+        lse, zt = lse_forward(h, weight, bias, targets.contiguous())
+    else:
+        lse, zt = _torch_lse(h, weight, bias, _safe_targets(targets, V, ignore_index))
+    valid = targets != ignore_index
+    bad = _bad_targets(targets, V, ignore_index)
+    loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
+    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    return loss, lse
+
+
+@_ce_fwd.register_fake
+def _(h, weight, bias, targets, ignore_index, impl):
+    return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafast::linear_ce_bwd", mutates_args=())
+def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            lse: torch.Tensor, grad_rows: torch.Tensor, impl: str, need_dh: bool, need_dw: bool,
+            need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) in the input dtype; an empty tensor stands for a gradient not asked for."""
+    need_db = need_db and bias is not None
+    if h.shape[0] == 0:
+        dh, dw = torch.zeros_like(h), torch.zeros_like(weight)
+        db = torch.zeros_like(bias) if need_db else h.new_empty((0,))
+    elif impl == "triton":
+        from lorafast.kernels.linear_ce import ce_backward
+
+        dh, dw, db = ce_backward(h, weight, bias, targets.contiguous(), lse.contiguous(),
+                                 grad_rows.contiguous(), need_dh, need_dw, need_db)
+    else:
+        dh, dw, db = _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0], -1),
+                                        lse, grad_rows, need_dh, need_dw, need_db)
+    empty = h.new_empty((0,))
+    return (dh.to(h.dtype) if need_dh else empty, dw.to(h.dtype) if need_dw else empty,
+            db.to(h.dtype) if need_db else empty)
+
+
+@_ce_bwd.register_fake
+def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db):
+    empty = h.new_empty((0,))
+    need_db = need_db and bias is not None
+    return (torch.empty_like(h) if need_dh else empty, torch.empty_like(weight) if need_dw else empty,
+            torch.empty_like(bias) if need_db else empty)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    h, weight, bias, targets, ignore_index, impl = inputs
+    ctx.save_for_backward(h, weight, bias, targets, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.impl = impl
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    h, weight, bias, targets, lse = ctx.saved_tensors
+    need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0
+    g = torch.where(targets != ctx.ignore_index, grad_loss.float(), torch.zeros_like(lse))
+    dh, dw, db = _ce_bwd(h, weight, bias, targets, lse, g, ctx.impl, need_dh, need_dw,
+                         bool(need_db and bias is not None))
+    return (dh if need_dh else None, dw if need_dw else None,
+            db if (need_db and bias is not None) else None, None, None, None)
+
+
+_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+@torch.library.custom_op("lorafast::linear_softmax", mutates_args=())
+def _softmax_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                log: bool, impl: str) -> torch.Tensor:
+    if h.shape[0] == 0:
+        return h.new_empty((0, weight.shape[0]))
+    if impl == "triton":
+        from lorafast.kernels.linear_ce import softmax_forward
+
+        return softmax_forward(h, weight, bias.contiguous() if bias is not None else None, scale, log, h.dtype)
+    return _torch_softmax(h, weight, bias, scale, log)
+
+
+@_softmax_op.register_fake
+def _(h, weight, bias, scale, log, impl):
+    return h.new_empty((h.shape[0], weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         targets: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                         impl: str = "auto", check: Optional[bool] = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight, bias), targets)`` without the N x V logits.
+
+    h [..., D], weight [V, D], bias [V] or None, targets int64 [...] (h.shape[:-1]).
+    Differentiable in h, weight, bias. Rows whose target is ``ignore_index`` contribute 0 and
+    are not counted by "mean" (all rows ignored gives NaN, as in PyTorch). Returns fp32: a
+    scalar for "mean"/"sum", the per-position losses (targets' shape) for "none".
+    ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA).
+    ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
+    """
+    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)
+    _validate_ce(h, weight, bias, targets, opts)
+    backend = resolve_impl(impl, h, weight, targets, op="linear_cross_entropy")
+    if backend == "triton" and bias is not None:
+        bias = bias.contiguous()
+    lead = targets.shape
+    loss, _ = _ce_fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index, backend)
+    if opts.reduction == "none":
+        return loss.reshape(lead)
+    if opts.reduction == "sum":
+        return loss.sum()
+    count = (targets != opts.ignore_index).sum()  # on device: no host sync
+    return loss.sum() / count
+
+
+def linear_softmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                   temperature: float = 1.0, log: bool = False, impl: str = "auto") -> torch.Tensor:
+    """``softmax(F.linear(h, weight, bias) / temperature, -1)`` (``log``: log_softmax), fused.
+
+    h [..., D], weight [V, D], bias [V] or None; returns [..., V] in h's dtype (computed in
+    fp32, rounded once). Inference only: not differentiable.
+    """
+    op = "linear_softmax"
+    _check_linear(op, h, weight, bias)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    backend = resolve_impl(impl, h, weight, op=op)
+    out = _softmax_op(h.reshape(-1, h.shape[-1]), weight, bias, 1.0 / float(temperature), bool(log), backend)
+    return out.reshape(*h.shape[:-1], weight.shape[0])
