@@ -1,0 +1,700 @@
+"""Fused causal attention in Triton: FlashAttention-2-style forward and deterministic backward.
+
+Lineage: Tri Dao's FlashAttention-2 (arXiv 2307.08691) and Triton's tutorial
+``06-fused-attention.py``; the loop split (unmasked tiles, then masked diagonal / ragged tiles)
+follows the tutorial's STAGE trick, the masking of ragged sequence and head dims follows
+flash-attention's ``flash_attn_triton.py`` (EVEN_M/N/HEADDIM).
+
+What it computes, for q, k, v of shape ``[B, H, T, D]`` (any strides) and ``s = scale``::
+
+    S = s * q @ k^T            (+ causal mask: key j > query i  ->  -inf)
+    P = softmax(S, dim=-1)
+    O = P @ v                  LSE = logsumexp(S, dim=-1)  (saved, fp32, in log2 units)
+
+and the gradients ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - delta)`` with
+``delta = rowsum(dO * O)``, ``dQ = s * dS K``, ``dK = s * dS^T Q``.
+
+Kernels (grid axis 0 runs over row tiles, axis 1 over the B*H heads):
+
+* ``_attn_fwd_kernel``: one program per tile of BLOCK_M queries; K/V tiles stream past it
+  with an online softmax in base 2 (log2(e) folded into the scale). Never stores T x T.
+* ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` in fp32.
+* ``_attn_bwd_dkdv_kernel``: one program per tile of BLOCK_N keys, loops over query tiles.
+* ``_attn_bwd_dq_kernel``: one program per tile of BLOCK_M queries, loops over key tiles.
+  dK/dV and dQ are written by exactly one program each: no atomics, bitwise deterministic.
+
+Causal: tiles wholly above the diagonal are never visited; tiles wholly below it run an
+unmasked loop; only the diagonal tiles and the ragged tail (T % BLOCK != 0) pay for masks.
+Head dims 16..128 that are not powers of two are padded to BLOCK_D and masked.
+
+Limits: q, k, v share one shape (self-attention, no GQA, no cross-attention lengths), no dropout,
+no sliding window, B*H <= 65535 (grid axis 1). Tested under the Triton interpreter on CPU
+(fp32, fp16); GPU configurations are compiled ahead of time for sm_90 and sm_80 by
+``lorafast.compile_gate`` but were not timed on hardware (see ``compile_configs``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load(ptrs, mask, HAS_MASK: tl.constexpr):
+    """Load a tile; masked lanes read 0 (the identity of the dot products they feed)."""
+    if HAS_MASK:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs,
+    stride_kt, stride_vt,
+    lo, hi, T,
+    qk_scale,
+    offs_m, offs_n, d_mask,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with key tiles [lo, hi).
+
+    k_ptrs ([BLOCK_D, BLOCK_N], K^T) and v_ptrs ([BLOCK_N, BLOCK_D]) point at key row ``lo``.
+    MASKED: apply key < T and (IS_CAUSAL) key <= query; otherwise every (row, key) is valid.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < T
+        kt = _load(k_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
+        v = _load(v_ptrs, n_mask[:, None] & d_mask[None, :], MASKED or not EVEN_D)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        # scores in log2 units: s * q.k * log2(e); exp2 of them is exp of the natural scores
+        qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            valid = n_mask[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(valid, qk, float("-inf"))
+        # every row sees >= 1 valid key in every visited tile set, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # rescales the old partial sums (exp2(-inf) = 0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_fwd_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    # strides
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    # sizes
+    H, T,
+    # runtime scalars
+    qk_scale,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Attention forward: O = softmax(s q k^T [+ causal mask]) v and LSE2 = log2-sum-exp2 per row.
+
+    Shapes: q, k, v, o [B, H, T, HEAD_DIM] with any strides; lse [B, H, T] contiguous fp32.
+    Dtypes: q, k, v, o fp16 / bf16 / fp32 (one dtype); scores, softmax, acc in fp32; P cast to
+    v's dtype for the PV dot; lse fp32 holding log2(sum exp2(qk_scale * q.k)) (log2 units).
+    Mutates: writes o and lse for rows < T only. qk_scale = s * log2(e).
+    Preconditions: BLOCK_M % BLOCK_N == 0; BLOCK_D = next pow2 >= HEAD_DIM; B*H <= 65535.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if IS_CAUSAL:
+        # the longest rows (most key tiles) first: better tail balance across SMs
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    loc_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < T
+
+    # int64 bases: b * stride_b and start_m * stride_t can pass 2**31; in-tile offsets stay int32
+    q_ptrs = (q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qt
+              + loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    kt_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd   # K^T tile [BLOCK_D, BLOCK_N]
+    v_off = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd    # V tile [BLOCK_N, BLOCK_D]
+
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # key tiles [0, start_m) lie wholly below the diagonal (BLOCK_M % BLOCK_N == 0);
+        # tiles past start_m + BLOCK_M lie wholly above it and are never visited
+        hi_full = start_m
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        hi_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base + kt_off, v_base + v_off, stride_kt, stride_vt,
+        0, hi_full, T, qk_scale, offs_m, offs_n, d_mask,
+        BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=False, EVEN_D=EVEN_D,
+        DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+    lo64 = hi_full.to(tl.int64)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base + lo64 * stride_kt + kt_off, v_base + lo64 * stride_vt + v_off,
+        stride_kt, stride_vt, hi_full, hi, T, qk_scale, offs_m, offs_n, d_mask,
+        BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
+        DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+
+    acc = acc / l_i[:, None]
+    lse = m_i + tl.math.log2(l_i)  # log2 units: P = exp2(qk_scale * q.k - lse)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_mask)
+    o_ptrs = (o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_ot
+              + loc_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_preprocess_kernel(
+    # pointers
+    o_ptr, do_ptr, delta_ptr,
+    # strides
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    # sizes
+    H, T,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d dO[b, h, t, d] * O[b, h, t, d], the softmax-backward row term.
+
+    Shapes: o, do [B, H, T, HEAD_DIM] any strides; delta [B, H, T] contiguous.
+    Dtypes: o, do fp16 / bf16 / fp32; product and sum in fp32; delta fp32.
+    Mutates: writes delta for rows < T.
+    Preconditions: BLOCK_D = next pow2 >= HEAD_DIM.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    loc_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row0 = start_m.to(tl.int64)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + row0 * stride_ot
+                + loc_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row0 * stride_dot
+                 + loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    qt_ptrs, do_ptrs, lse_bh, delta_bh,
+    stride_qt, stride_dot,
+    lo, hi, T,
+    qk_scale,
+    offs_n, loc_m, d_mask,
+    BLOCK_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in the transposed form.
+
+    qt_ptrs ([BLOCK_D, BLOCK_M], Q^T) and do_ptrs ([BLOCK_M, BLOCK_D]) point at query row ``lo``.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + loc_m
+        m_mask = rows < T
+        qt = _load(qt_ptrs, m_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
+        do = _load(do_ptrs, m_mask[:, None] & d_mask[None, :], MASKED or not EVEN_D)
+        lse = _load(lse_bh + rows, m_mask, MASKED)
+        delta = _load(delta_bh + rows, m_mask, MASKED)
+        if DOT_F32:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        # P^T [BLOCK_N, BLOCK_M] recomputed from the saved log2-sum-exp2 of each query row
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])
+        if MASKED:
+            valid = m_mask[None, :]
+            if IS_CAUSAL:
+                valid = valid & (rows[None, :] >= offs_n[:, None])
+            pt = tl.where(valid, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)          # dV += P^T dO
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                  # dP^T = V dO^T
+        dst = pt * (dpt - delta[None, :])                                         # dS^T
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)  # dK += dS^T Q
+        qt_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+    # strides
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    # sizes
+    H, T,
+    # runtime scalars
+    qk_scale, sm_scale,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """dV = P^T dO and dK = s * dS^T Q, dS = P * (dO V^T - delta), for one tile of keys.
+
+    Shapes: q, k, v, do, dk, dv [B, H, T, HEAD_DIM] any strides; lse, delta [B, H, T] fp32.
+    Dtypes: inputs fp16 / bf16 / fp32; P, dS, dK, dV accumulate in fp32; P and dS are cast to
+    the input dtype for their dots; dk, dv stored in their own dtype.
+    Mutates: writes dk, dv rows < T (each by exactly one program: deterministic, no atomics).
+    Preconditions: BLOCK_N % BLOCK_M == 0; lse from the forward; delta from the preprocess.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    loc_n = tl.arange(0, BLOCK_N)
+    offs_n = start_n + loc_n
+    loc_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = offs_d < HEAD_DIM
+    n_mask = offs_n < T
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    row_n = start_n.to(tl.int64)
+
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + row_n * stride_kt
+                + loc_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + row_n * stride_vt
+                + loc_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    qt_off = loc_m[None, :] * stride_qt + offs_d[:, None] * stride_qd     # Q^T tile [BLOCK_D, BLOCK_M]
+    do_off = loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod   # dO tile [BLOCK_M, BLOCK_D]
+    lse_bh = lse_ptr + pid_bh.to(tl.int64) * T
+    delta_bh = delta_ptr + pid_bh.to(tl.int64) * T
+
+    # query tiles: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, t_full) are
+    # wholly below it (unmasked), [max(diag_hi, t_full), T) is the ragged tail (masked);
+    # query tiles before start_n lie wholly above the diagonal and are skipped.
+    t_full = (T // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        diag_lo = start_n
+        diag_hi = tl.minimum(start_n + BLOCK_N, T)
+        lo64 = diag_lo.to(tl.int64)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
+            lse_bh, delta_bh, stride_qt, stride_dot, diag_lo, diag_hi, T, qk_scale,
+            offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
+            EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+    else:
+        diag_hi = start_n * 0
+    lo64 = diag_hi.to(tl.int64)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
+        lse_bh, delta_bh, stride_qt, stride_dot, diag_hi, t_full, T, qk_scale,
+        offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=False,
+        EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+    tail_lo = tl.maximum(diag_hi, t_full)
+    lo64 = tail_lo.to(tl.int64)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
+        lse_bh, delta_bh, stride_qt, stride_dot, tail_lo, T, T, qk_scale,
+        offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
+        EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+
+    dk = dk * sm_scale  # dK = s * dS^T Q (the scale of S = s q k^T)
+    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + row_n * stride_dkt
+             + loc_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + row_n * stride_dvt
+             + loc_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,
+    kt_ptrs, vt_ptrs,
+    stride_kt, stride_vt,
+    lo, hi, T,
+    qk_scale,
+    offs_m, offs_n, d_mask,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over key tiles [lo, hi).
+
+    kt_ptrs, vt_ptrs ([BLOCK_D, BLOCK_N], K^T and V^T) point at key row ``lo``.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < T
+        kt = _load(kt_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
+        vt = _load(vt_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])
+        if MASKED:
+            valid = n_mask[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)                              # dP = dO V^T
+        ds = p * (dp - delta[:, None])                                             # dS
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)  # dQ += dS K
+        kt_ptrs += BLOCK_N * stride_kt
+        vt_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_dq_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+    # strides
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    # sizes
+    H, T,
+    # runtime scalars
+    qk_scale, sm_scale,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """dQ = s * dS K with dS = P * (dO V^T - delta), for one tile of queries.
+
+    Shapes: q, k, v, do, dq [B, H, T, HEAD_DIM] any strides; lse, delta [B, H, T] fp32.
+    Dtypes: inputs fp16 / bf16 / fp32; P, dS, dQ in fp32; dS cast to the input dtype for the
+    dot; dq stored in its own dtype.
+    Mutates: writes dq rows < T (each by exactly one program: deterministic, no atomics).
+    Preconditions: BLOCK_M % BLOCK_N == 0; lse from the forward; delta from the preprocess.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    loc_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + loc_m
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < T
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    row_m = start_m.to(tl.int64)
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_m * stride_qt
+                + loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_m * stride_dot
+                 + loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    kt_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vt_off = offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+    if IS_CAUSAL:
+        hi_full = start_m  # key tiles wholly below the diagonal (BLOCK_M % BLOCK_N == 0)
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        hi_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base + kt_off, v_base + vt_off, stride_kt, stride_vt,
+        0, hi_full, T, qk_scale, offs_m, offs_n, d_mask,
+        BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=False, EVEN_D=EVEN_D,
+        DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+    lo64 = hi_full.to(tl.int64)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base + lo64 * stride_kt + kt_off, v_base + lo64 * stride_vt + vt_off,
+        stride_kt, stride_vt, hi_full, hi, T, qk_scale, offs_m, offs_n, d_mask,
+        BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
+        DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
+
+    dq = dq * sm_scale  # dQ = s * dS K
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + row_m * stride_dqt
+             + loc_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One launch configuration: tile sizes (rows of the program's own tile, streamed rows)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTiles:
+    fwd: Tile
+    preprocess: Tile   # block_n unused
+    dkdv: Tile         # block_n = key tile owned by the program, block_m = streamed query tile
+    dq: Tile           # block_m = query tile owned by the program, block_n = streamed key tile
+
+
+# GPU tiles. NO GPU was available when these were chosen: they come from published Triton
+# tutorial 06 / FlashAttention-2 Triton configurations for Hopper (fwd BLOCK_M=128 with
+# BLOCK_N=64..128; bwd BLOCK_M1=32, BLOCK_N1=128 / BLOCK_M2=128, BLOCK_N2=32 for D=64), shrunk
+# where the AOT compile gate (python -m lorafast.compile_gate --filter attn) showed register
+# spills or shared memory over the sm_80 limit. To be re-tuned on an H200.
+_GPU_TILES = {
+    # BLOCK_D <= 64
+    64: AttentionTiles(fwd=Tile(128, 64, 4, 3), preprocess=Tile(128, 0, 4, 1),
+                       dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    # BLOCK_D == 128 (also 80, 96, 112: padded to 128)
+    128: AttentionTiles(fwd=Tile(128, 64, 8, 3), preprocess=Tile(128, 0, 4, 1),
+                        dkdv=Tile(32, 64, 4, 2), dq=Tile(64, 32, 4, 2)),
+}
+# fp32 inputs: the dots run on CUDA cores ("ieee") or TF32; small tiles keep registers in check.
+_GPU_TILES_FP32 = AttentionTiles(fwd=Tile(64, 32, 4, 2), preprocess=Tile(64, 0, 4, 1),
+                                 dkdv=Tile(32, 64, 4, 1), dq=Tile(64, 32, 4, 1))
+# Interpreter (CPU tests): small tiles so that T in the tens exercises the unmasked loop, the
+# diagonal and the ragged tail; the interpreter ignores warps and stages.
+_INTERPRET_TILES = AttentionTiles(fwd=Tile(32, 16, 1, 1), preprocess=Tile(32, 0, 1, 1),
+                                  dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def pick_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionTiles:
+    """The tiles the launchers use for this head dim / dtype / device."""
+    if device.type != "cuda":
+        return _INTERPRET_TILES
+    if dtype == torch.float32:
+        return _GPU_TILES_FP32
+    return _GPU_TILES[64 if block_d(head_dim) <= 64 else 128]
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
+    """(input_precision, upcast-before-dot) for this dtype.
+
+    fp32 follows torch: "ieee" unless torch.backends.cuda.matmul allows TF32. bf16 under the
+    interpreter is upcast to fp32 before tl.dot (the interpreter's bf16 dot is broken in
+    triton 3.9); on GPU bf16/fp16 feed the tensor cores directly.
+    """
+    if dtype == torch.float32:
+        prec = "tf32" if (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+        return prec, False
+    return "tf32", (dtype == torch.bfloat16 and device.type != "cuda")
+
+
+def _check_tiles(t: AttentionTiles) -> None:
+    if t.fwd.block_m % t.fwd.block_n or t.dq.block_m % t.dq.block_n or t.dkdv.block_n % t.dkdv.block_m:
+        raise ValueError(f"attention tiles must nest (fwd/dq BLOCK_M % BLOCK_N, dkdv BLOCK_N % BLOCK_M): {t}")
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(x.stride())  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (inputs validated by lorafast.ops._attention before they get here)
+# --------------------------------------------------------------------------------------------
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, *, causal: bool, scale: float,
+                      tiles: AttentionTiles | None = None) -> None:
+    """Launch the forward into ``out`` ([B, H, T, D], any strides) and ``lse`` ([B, H, T] fp32,
+    contiguous; log2 units). No host synchronisation."""
+    B, H, T, D = q.shape
+    tiles = tiles or pick_tiles(D, q.dtype, q.device)
+    _check_tiles(tiles)
+    prec, f32 = _dot_flags(q.dtype, q.device)
+    t = tiles.fwd
+    grid = (triton.cdiv(T, t.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
+        **_named("q", q), **_named("k", k), **_named("v", v), **_named("o", out),
+        H=H, T=T, qk_scale=scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d(D),
+        IS_CAUSAL=causal, DOT_PREC=prec, DOT_F32=f32,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor | None,
+                       dk: torch.Tensor | None, dv: torch.Tensor | None, *, causal: bool,
+                       scale: float, tiles: AttentionTiles | None = None) -> None:
+    """Launch the backward: delta preprocess, then dK/dV (if dk is given; dv must be too) and
+    dQ (if dq is given). Gradients are written into the given buffers (any strides)."""
+    B, H, T, D = q.shape
+    tiles = tiles or pick_tiles(D, q.dtype, q.device)
+    _check_tiles(tiles)
+    prec, f32 = _dot_flags(q.dtype, q.device)
+    BD = block_d(D)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    t = tiles.preprocess
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, t.block_m), B * H)](
+        o_ptr=out, do_ptr=do, delta_ptr=delta, **_named("o", out), **_named("do", do),
+        H=H, T=T, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_D=BD,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    common = dict(H=H, T=T, qk_scale=scale * LOG2E, sm_scale=scale, HEAD_DIM=D, BLOCK_D=BD,
+                  IS_CAUSAL=causal, DOT_PREC=prec, DOT_F32=f32)
+    if dk is not None:
+        assert dv is not None
+        t = tiles.dkdv
+        _attn_bwd_dkdv_kernel[(triton.cdiv(T, t.block_n), B * H)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, lse_ptr=lse, delta_ptr=delta,
+            **_named("q", q), **_named("k", k), **_named("v", v), **_named("do", do),
+            **_named("dk", dk), **_named("dv", dv), **common,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages)
+    if dq is not None:
+        t = tiles.dq
+        _attn_bwd_dq_kernel[(triton.cdiv(T, t.block_m), B * H)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dq_ptr=dq, lse_ptr=lse, delta_ptr=delta,
+            **_named("q", q), **_named("k", k), **_named("v", v), **_named("do", do),
+            **_named("dq", dq), **common,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _named(prefix: str, x: torch.Tensor) -> dict[str, int]:
+    sb, sh, st, sd = x.stride()
+    return {f"stride_{prefix}b": sb, f"stride_{prefix}h": sh, f"stride_{prefix}t": st,
+            f"stride_{prefix}d": sd}
+
+
+# --------------------------------------------------------------------------------------------
+# Compile gate
+# --------------------------------------------------------------------------------------------
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("lse_ptr", "delta_ptr") else f"*{dtype}"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_configs():
+    """Every GPU configuration the launchers can pick, in representative dtype/flag combinations.
+
+    The layout assumed is the model's: q/k/v views of a fused qkv projection (unit stride over
+    D, other strides divisible by 16), output and gradients in [B, T, H, D] memory.
+    """
+    from lorafast.compile_gate import KernelConfig
+
+    out = []
+
+    def add(name, fn, dtype, constexprs, tile, needs_mma):
+        sig = _signature(fn, dtype, constexprs)
+        aligned = tuple(n for n in fn.arg_names
+                        if n.endswith("_ptr") or (n.startswith("stride_") and not n.endswith("d")))
+        # unit stride over D is specialised by Triton at launch (value 1): model it as a constexpr
+        cx = dict(constexprs)
+        for n in fn.arg_names:
+            if n.startswith("stride_") and n.endswith("d"):
+                sig[n] = "constexpr"
+                cx[n] = 1
+        out.append(KernelConfig(name=name, fn=fn, signature=sig, constexprs=cx,
+                                num_warps=tile.num_warps, num_stages=tile.num_stages,
+                                aligned=aligned, needs_mma=needs_mma))
+
+    cases = [(128, torch.bfloat16, True), (128, torch.float16, False), (64, torch.bfloat16, True),
+             (80, torch.float16, True)]
+    for D, dtype, causal in cases:
+        tiles = pick_tiles(D, dtype, torch.device("cuda"))
+        dt = _TL_DTYPE[dtype]
+        tag = f"d{D}_{dt}_{'causal' if causal else 'full'}"
+        base = dict(HEAD_DIM=D, BLOCK_D=block_d(D), IS_CAUSAL=causal, DOT_PREC="tf32", DOT_F32=False)
+        add(f"attn_fwd_{tag}", _attn_fwd_kernel, dt,
+            dict(base, BLOCK_M=tiles.fwd.block_m, BLOCK_N=tiles.fwd.block_n), tiles.fwd, True)
+        add(f"attn_bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel, dt,
+            dict(base, BLOCK_M=tiles.dkdv.block_m, BLOCK_N=tiles.dkdv.block_n), tiles.dkdv, True)
+        add(f"attn_bwd_dq_{tag}", _attn_bwd_dq_kernel, dt,
+            dict(base, BLOCK_M=tiles.dq.block_m, BLOCK_N=tiles.dq.block_n), tiles.dq, True)
+    for D in (64, 128):
+        tiles = pick_tiles(D, torch.bfloat16, torch.device("cuda"))
+        add(f"attn_bwd_pre_d{D}_bf16", _attn_bwd_preprocess_kernel, "bf16",
+            dict(HEAD_DIM=D, BLOCK_M=tiles.preprocess.block_m, BLOCK_D=block_d(D)),
+            tiles.preprocess, False)
+    return out

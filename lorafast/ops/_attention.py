@@ -1,0 +1,167 @@
+"""Scaled dot-product attention over ``[B, H, T, D]`` heads, causal by default.
+
+``attention(q, k, v, causal=True, scale=None, impl="auto")`` computes
+``softmax(scale * q @ k^T + mask) @ v`` (mask: -inf where key > query when causal).
+
+* ``impl="triton"`` runs the fused FlashAttention-2-style kernels of
+  :mod:`lorafast.kernels.attention` (imported lazily, so this module loads without triton),
+  registered as the torch.library ops ``lorafast::attention_fwd`` / ``lorafast::attention_bwd``
+  so that ``torch.compile`` traces them. q, k, v may have any strides (e.g. views of a fused qkv
+  projection: ``qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)``); nothing is copied.
+  The output is ``[B, H, T, D]`` laid out in ``[B, T, H, D]`` memory, so
+  ``out.transpose(1, 2).reshape(B, T, H * D)`` is free. Gradients of dense inputs keep their
+  strides; gradients of non-dense inputs (such as qkv views) come back in ``[B, T, H, D]`` memory.
+* ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention``.
+* ``impl="auto"``: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, torch otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from lorafast.ops._dispatch import resolve_impl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+MAX_GRID_HEADS = 65535  # B * H rides on CUDA grid axis 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    causal: bool
+    scale: float
+
+
+def _validate(q, k, v, causal, scale) -> AttentionOptions:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must have shape [B, H, T, D] (4 dims), "
+                             f"got {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError("attention: q, k, v must have the same shape [B, H, T, D], got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    B, H, T, D = q.shape
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D={D} unsupported (need {MIN_HEAD_DIM} <= D <= "
+                         f"{MAX_HEAD_DIM})")
+    if B < 1 or H < 1 or T < 1:
+        raise ValueError(f"attention: B, H, T must be >= 1, got shape {tuple(q.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+    return AttentionOptions(causal=causal, scale=float(scale))
+
+
+def _out_like(q: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] in [B, T, H, D] memory, so the usual head merge after attention is a view."""
+    B, H, T, D = q.shape
+    return torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    """Dense inputs: same strides. Non-dense views (e.g. slices of a fused qkv): [B, T, H, D]."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return torch.empty_like(x, memory_format=torch.preserve_format)
+    return _out_like(x)
+
+
+def _empty_grad(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0,))
+
+
+# ---- torch.library ops (the Triton path) ---------------------------------------------------
+@torch.library.custom_op("lorafast::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from lorafast.kernels.attention import attention_forward
+
+    B, H, T, _ = q.shape
+    out = _out_like(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    attention_forward(q, k, v, out, lse, causal=causal, scale=scale)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, _ = q.shape
+    return _out_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafast::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                   need_dq: bool, need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from lorafast.kernels.attention import attention_backward
+
+    dq = _grad_like(q) if need_dq else None
+    dk = _grad_like(k) if need_dkdv else None
+    dv = _grad_like(v) if need_dkdv else None
+    attention_backward(do, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale)
+    return (dq if dq is not None else _empty_grad(q), dk if dk is not None else _empty_grad(k),
+            dv if dv is not None else _empty_grad(v))
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale, need_dq, need_dkdv):
+    return (_grad_like(q) if need_dq else _empty_grad(q), _grad_like(k) if need_dkdv else _empty_grad(k),
+            _grad_like(v) if need_dkdv else _empty_grad(v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.opts = AttentionOptions(causal=causal, scale=scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    need_dkdv = need_k or need_v
+    dq, dk, dv = torch.ops.lorafast.attention_bwd(
+        dout, q, k, v, out, lse, ctx.opts.causal, ctx.opts.scale, need_q, need_dkdv)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public op ------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """``softmax(scale * q @ k^T [+ causal mask]) @ v`` for q, k, v ``[B, H, T, D]``.
+
+    Args: q, k, v one shape, one dtype (fp16 / bf16 / fp32), one device, any strides,
+    16 <= D <= 128; ``causal`` masks key > query; ``scale`` defaults to ``D ** -0.5``;
+    ``impl`` "auto" | "triton" | "torch". Returns ``[B, H, T, D]`` in the input dtype.
+    Differentiable in q, k, v. Raises ValueError / TypeError on bad input before any launch,
+    RuntimeError when impl="triton" cannot run on these tensors.
+    """
+    opts = _validate(q, k, v, causal, scale)
+    if resolve_impl(impl, q, k, v, op="attention") == "torch":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=opts.causal, scale=opts.scale)
+    B, H = q.shape[:2]
+    if B * H > MAX_GRID_HEADS:
+        raise ValueError(f"attention: B * H = {B * H} exceeds {MAX_GRID_HEADS} (CUDA grid limit)")
+    out, _ = torch.ops.lorafast.attention_fwd(q, k, v, opts.causal, opts.scale)
+    return out

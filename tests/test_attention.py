@@ -1,0 +1,305 @@
+"""Fused attention (lorafast.ops.attention): Triton kernels under the interpreter vs fp64 math.
+
+Rule (FlashAttention's tests): max|ours - truth| <= 2 * max|torch_same_dtype - truth| + atol,
+for the output and for dq, dk, dv; truth is explicit fp64 math on the same rounded inputs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorafast.ops import _dispatch
+from lorafast.ops._attention import attention
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _math(q, k, v, causal, scale=None):
+    """softmax(scale * q k^T + causal mask) v, in the dtype of the inputs."""
+    D, T = q.shape[-1], q.shape[-2]
+    s = D ** -0.5 if scale is None else scale
+    S = (q @ k.transpose(-1, -2)) * s                                  # [B, H, T, T]
+    if causal:
+        S = S.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return S.softmax(-1) @ v                                           # [B, H, T, D]
+
+
+def _make(B, H, T, D, dtype, layout, seed=0):
+    """q, k, v leaf tensors [B, H, T, D] in the requested memory layout."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "qkv":  # views of a fused projection output [B, T, 3*H*D]
+        qkv = torch.randn(B, T, 3 * H * D, generator=g).to(dtype).requires_grad_()
+        q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)       # 3 x [B, H, T, D]
+        return (q, k, v), [qkv]
+    if layout == "contig":
+        ts = [torch.randn(B, H, T, D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        return tuple(ts), ts
+    if layout == "bthd":
+        ts = [torch.randn(B, T, H, D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        return tuple(t.transpose(1, 2) for t in ts), ts
+    if layout == "strided_d":  # every other element over D, padded rows: stride_d = 2
+        ts = [torch.randn(B, H, T + 3, 2 * D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        return tuple(t[:, :, 1:T + 1, ::2] for t in ts), ts
+    raise ValueError(layout)
+
+
+def _err(a, b):
+    d = (a.double() - b.double()).abs()
+    i = int(d.argmax())
+    return d.max().item(), tuple(int(x) for x in torch.unravel_index(torch.tensor(i), d.shape))
+
+
+def _check_case(B, H, T, D, causal, dtype, layout, scale=None, seed=0, tiles=None):
+    (q, k, v), leaves = _make(B, H, T, D, dtype, layout, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, H, T, D, generator=g).to(dtype)
+
+    if tiles is None:
+        out = attention(q, k, v, causal=causal, scale=scale, impl="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    else:  # drive the launchers directly with given tiles
+        from lorafast.kernels.attention import attention_backward, attention_forward
+
+        s = D ** -0.5 if scale is None else scale
+        out = torch.empty(B, H, T, D, dtype=dtype)
+        lse = torch.empty(B, H, T)
+        q, k, v = (x.detach() for x in (q, k, v))
+        attention_forward(q, k, v, out, lse, causal=causal, scale=s, tiles=tiles)
+        grads = tuple(torch.empty_like(x) for x in (q, k, v))
+        attention_backward(do, q, k, v, out, lse, *grads, causal=causal, scale=s, tiles=tiles)
+    assert out.dtype == dtype and out.shape == (B, H, T, D)
+
+    def ref(prec):
+        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
+        o = _math(*xs, causal, scale)
+        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
+
+    truth = ref(torch.float64)
+    same = ref(dtype if dtype != torch.bfloat16 else torch.bfloat16)
+    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
+        assert ours.dtype == dtype, name
+        e_ours, where = _err(ours, gt)
+        e_pt, _ = _err(pt, gt)
+        bound = 2 * e_pt + ATOL[dtype]
+        assert e_ours <= bound, (f"{name}: max err {e_ours:.3g} at {where} > 2 * {e_pt:.3g} + "
+                                 f"{ATOL[dtype]:g} (B={B} H={H} T={T} D={D} causal={causal} "
+                                 f"{dtype} {layout})")
+    for leaf in leaves:
+        assert leaf.grad is None  # autograd.grad does not accumulate
+
+
+# Every T, every D, both flags, both dtypes and every layout appear; not the full product.
+CASES = [
+    # B, H, T, D, causal, dtype, layout
+    (1, 2, 1, 16, True, torch.float32, "qkv"),
+    (1, 1, 1, 64, False, torch.float16, "contig"),
+    (1, 2, 17, 16, False, torch.float32, "contig"),
+    (2, 1, 17, 48, True, torch.float16, "qkv"),
+    (1, 1, 17, 128, True, torch.float32, "bthd"),
+    (1, 2, 64, 64, True, torch.float32, "qkv"),
+    (1, 1, 64, 80, False, torch.float16, "strided_d"),
+    (2, 1, 64, 16, True, torch.float16, "bthd"),
+    (1, 1, 64, 48, False, torch.float32, "contig"),
+    (1, 1, 129, 80, True, torch.float32, "qkv"),
+    (1, 1, 129, 64, False, torch.float32, "strided_d"),
+    (1, 1, 129, 128, True, torch.float16, "contig"),
+    (1, 1, 129, 16, False, torch.float16, "qkv"),
+    (1, 1, 200, 48, True, torch.float32, "strided_d"),
+    (1, 1, 200, 64, True, torch.float16, "qkv"),
+    (1, 1, 200, 128, False, torch.float32, "qkv"),
+    (1, 1, 200, 80, False, torch.float16, "bthd"),
+    (1, 1, 200, 16, True, torch.float32, "contig"),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,causal,dtype,layout", CASES,
+                         ids=[f"T{c[2]}-D{c[3]}-{'causal' if c[4] else 'full'}-{str(c[5])[6:]}-{c[6]}"
+                              for c in CASES])
+def test_matches_fp64(B, H, T, D, causal, dtype, layout):
+    _check_case(B, H, T, D, causal, dtype, layout)
+
+
+def test_custom_scale():
+    _check_case(1, 2, 33, 32, True, torch.float32, "qkv", scale=0.37)
+
+
+def test_bf16_upcast_path():
+    """bf16 under the interpreter goes through the upcast-before-dot path (same numerics rule)."""
+    _check_case(1, 1, 40, 48, True, torch.bfloat16, "qkv")
+
+
+@pytest.mark.parametrize("D", [64, 80])
+def test_gpu_tiles_under_interpreter(D):
+    """The tiles shipped for the GPU (BLOCK 64/128, nested causal split) on the same math."""
+    from lorafast.kernels.attention import pick_tiles
+
+    tiles = pick_tiles(D, torch.float16, torch.device("cuda"))
+    _check_case(1, 1, 200, D, True, torch.float32, "qkv", tiles=tiles)
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 70),
+       D=st.sampled_from([16, 24, 40, 64, 96]), causal=st.booleans(),
+       layout=st.sampled_from(["qkv", "contig", "bthd"]), seed=st.integers(0, 2**16))
+def test_property_random_shapes(B, H, T, D, causal, layout, seed):
+    _check_case(B, H, T, D, causal, torch.float32, layout, seed=seed)
+
+
+def test_layouts_and_partial_grads():
+    (q, k, v), _ = _make(2, 3, 20, 32, torch.float32, "qkv")
+    out = attention(q, k, v, impl="triton")
+    # [B, H, T, D] in [B, T, H, D] memory: the head merge is a view
+    assert out.transpose(1, 2).is_contiguous()
+    # only q needs a gradient: dk/dv kernel skipped, dq still right
+    qd = q.detach().requires_grad_()
+    o = attention(qd, k.detach(), v.detach(), impl="triton")
+    (dq,) = torch.autograd.grad(o.sum(), qd)
+    qr = q.detach().double().requires_grad_()
+    (dqr,) = torch.autograd.grad(_math(qr, k.detach().double(), v.detach().double(), True).sum(), qr)
+    assert (dq.double() - dqr).abs().max() < 1e-5
+
+
+def test_backward_is_deterministic():
+    (q, k, v), _ = _make(1, 2, 70, 48, torch.float16, "qkv")
+    do = torch.randn(1, 2, 70, 48).half()
+    runs = [torch.autograd.grad(attention(q, k, v, impl="triton"), (q, k, v), do) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_torch_impl_matches_fp64():
+    (q, k, v), _ = _make(1, 2, 33, 48, torch.float32, "qkv")
+    for causal in (True, False):
+        out = attention(q, k, v, causal=causal, impl="torch")
+        ref = _math(*(x.double() for x in (q, k, v)), causal)
+        assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_auto_uses_triton_under_interpreter():
+    assert _dispatch.resolve_impl("auto", torch.zeros(1), op="attention") == "triton"
+
+
+def test_opcheck():
+    (q, k, v), _ = _make(1, 1, 17, 16, torch.float32, "qkv")
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.lorafast.attention_fwd.default, (q, k, v, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda q, k, v: (q[0], k[0], v[0]), ValueError, "4 dims"),
+    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "same shape"),
+    (lambda q, k, v: (q, k.half(), v), TypeError, "one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "dtype must be"),
+    (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), ValueError, "head dim"),
+    (lambda q, k, v: (torch.zeros(1, 1, 4, 256), torch.zeros(1, 1, 4, 256), torch.zeros(1, 1, 4, 256)),
+     ValueError, "head dim"),
+    (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, ">= 1"),
+    (lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
+    (lambda q, k, v: (q.numpy(), k, v), TypeError, "torch.Tensor"),
+])
+def test_validation(bad, exc, match):
+    q, k, v = (torch.randn(1, 2, 6, 32) for _ in range(3))
+    with pytest.raises(exc, match=match):
+        attention(*bad(q, k, v), impl="triton")
+
+
+def test_validation_of_options():
+    q = torch.randn(1, 2, 6, 32)
+    with pytest.raises(TypeError, match="causal"):
+        attention(q, q, q, causal=1)
+    with pytest.raises(TypeError, match="scale"):
+        attention(q, q, q, scale="0.5")
+    with pytest.raises(ValueError, match="finite"):
+        attention(q, q, q, scale=float("nan"))
+    with pytest.raises(ValueError, match="impl"):
+        attention(q, q, q, impl="cuda")
+
+
+def test_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    q = torch.randn(1, 2, 6, 32)
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run"):
+        attention(q, q, q, impl="triton")
+    # auto falls back to the torch path on plain CPU
+    assert attention(q, q, q).shape == q.shape
+
+
+def test_plain_cpu_subprocess_uses_torch():
+    """A fresh process without TRITON_INTERPRET: auto -> torch path, triton -> clear error."""
+    code = ("import torch; from lorafast.ops._attention import attention\n"
+            "q = torch.randn(1, 2, 6, 32)\n"
+            "assert attention(q, q, q).shape == q.shape\n"
+            "try:\n    attention(q, q, q, impl='triton')\nexcept RuntimeError as e:\n    print('raised', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "raised" in res.stdout
+
+
+# ---- GPU (run with LORAFAST_TEST_CUDA=1) ----------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,D,causal", [(1, 64, True), (257, 64, True), (1000, 128, True),
+                                        (513, 80, False), (2048, 96, True), (384, 128, False)])
+def test_cuda_matches_fp64(T, D, causal, dtype):
+    B, H = 2, 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, T, 3 * H * D, device="cuda", generator=g).to(dtype).requires_grad_()
+    q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    do = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype)
+    out = attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+
+    def ref(prec):
+        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
+        D_, T_ = xs[0].shape[-1], xs[0].shape[-2]
+        S = (xs[0] @ xs[1].transpose(-1, -2)) * D_ ** -0.5
+        if causal:
+            S = S.masked_fill(torch.ones(T_, T_, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+        o = S.softmax(-1) @ xs[2]
+        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
+
+    truth, same = ref(torch.float64), ref(dtype)
+    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
+        e_ours, where = _err(ours, gt)
+        e_pt, _ = _err(pt, gt)
+        assert e_ours <= 2 * e_pt + ATOL[dtype], f"{name}: {e_ours:.3g} at {where} vs pt {e_pt:.3g}"
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile():
+    B, H, T, D = 2, 4, 300, 64
+    qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def f(x):
+        q, k, v = x.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        return attention(q, k, v).transpose(1, 2).reshape(B, T, H * D)
+
+    y_eager = f(qkv)
+    (g_eager,) = torch.autograd.grad(y_eager.float().square().sum(), qkv)
+    y = torch.compile(f, fullgraph=True)(qkv)
+    (g,) = torch.autograd.grad(y.float().square().sum(), qkv)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.cuda
+def test_cuda_no_recompile_across_T():
+    from lorafast.kernels import attention as ka
+
+    before = None
+    for T in (200, 333, 517, 1024, 1999):
+        q = torch.randn(1, 2, T, 64, device="cuda", dtype=torch.bfloat16)
+        attention(q, q, q)
+        n = len(ka._attn_fwd_kernel.device_caches[0][0]) if hasattr(ka._attn_fwd_kernel, "device_caches") else None
+        if before is None:
+            before = n
+        assert n == before, f"recompiled for T={T}"
