@@ -1,0 +1,158 @@
+"""``rerandomize_``: refill a list of tensors in place from the counter-based Philox stream.
+
+The values are defined by :mod:`lorafast.philox` (generator, key, counter layout, words to floats)
+and :mod:`lorafast.init_laws` (law -> fp32 affine map). ``impl="torch"`` computes them with integer
+PyTorch ops on the tensors' own device; ``impl="triton"`` refills every tensor of the list in ONE
+launch of ``lorafast.kernels.rerandomize`` (imported lazily: this module needs no triton). Both give
+the same uniform bits and floats; normals agree within a few fp32 ulps (see :mod:`lorafast.philox`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lorafast import philox
+from lorafast.init_laws import LAW_NORMAL, LAW_UNIFORM, LAW_ZEROS, LAWS
+from lorafast.ops._dispatch import resolve_impl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GLOBAL_INDEX = 1 << 62  # offset + numel bound: group index (< 2^60) splits into two 32-bit words
+
+
+def _int_list(name: str, values, n: int, lo: int, hi: int) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"rerandomize_: {name} must be a list of ints, got {type(values).__name__}")
+    if len(values) != n:
+        raise ValueError(f"rerandomize_: {name} has {len(values)} entries for {n} tensors")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"rerandomize_: {name}[{i}] must be an int, got {type(v).__name__}")
+        if not lo <= v < hi:
+            raise ValueError(f"rerandomize_: {name}[{i}] = {v} is out of [{lo}, {hi})")
+        out.append(v)
+    return out
+
+
+def _validate(tensors, init, ids, offsets, rounds):
+    """Checks everything before any computation; returns (tensors, codes, shifts, scales, ids, offsets)."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"rerandomize_: tensors must be a list of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    n = len(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rerandomize_: tensors[{i}] is a {type(t).__name__}, not a tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"rerandomize_: tensors[{i}] has dtype {t.dtype}; supported: fp32, fp16, bf16")
+        if not t.is_contiguous():
+            raise ValueError(f"rerandomize_: tensors[{i}] (shape {tuple(t.shape)}) is not contiguous")
+        if t.device != tensors[0].device:
+            raise ValueError(f"rerandomize_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
+                             "all tensors must be on one device")
+    laws = list(init) if isinstance(init, (list, tuple)) else [init] * n
+    if len(laws) != n:
+        raise ValueError(f"rerandomize_: init has {len(laws)} laws for {n} tensors")
+    for i, law in enumerate(laws):
+        if not isinstance(law, LAWS):
+            raise TypeError(f"rerandomize_: init[{i}] must be one of {[c.__name__ for c in LAWS]}, "
+                            f"got {type(law).__name__}")
+    ids = list(range(n)) if ids is None else _int_list("ids", ids, n, 0, 1 << 32)
+    offsets = [0] * n if offsets is None else _int_list("offsets", offsets, n, 0, MAX_GLOBAL_INDEX)
+    for i, (t, o) in enumerate(zip(tensors, offsets)):
+        if o + t.numel() > MAX_GLOBAL_INDEX:
+            raise ValueError(f"rerandomize_: offsets[{i}] + numel = {o + t.numel()} exceeds 2^62")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rerandomize_: rounds must be a positive int, got {rounds!r}")
+    lowered = [law.lower(tuple(t.shape)) for law, t in zip(laws, tensors)]
+    codes = [c for c, _, _ in lowered]
+    shifts = [s for _, s, _ in lowered]
+    scales = [s for _, _, s in lowered]
+    return tensors, codes, shifts, scales, ids, offsets
+
+
+def rerandomize_(tensors: Sequence[torch.Tensor], *, seed: int, step: int, init, impl: str = "auto",
+                 ids: Sequence[int] | None = None, offsets: Sequence[int] | None = None,
+                 rounds: int = philox.DEFAULT_ROUNDS) -> None:
+    """Mutates every tensor of ``tensors`` in place into its draw ``step`` of the stream ``seed``.
+
+    ``init``: one law (:mod:`lorafast.init_laws`) or one law per tensor. ``ids``: per-tensor 32-bit
+    stream ids (default: list position; pass stable ids, e.g. the crc32 of a parameter name, so a
+    tensor's values do not depend on which other tensors are in the list). ``offsets``: per-tensor
+    global index of the first element (default 0): a shard holding elements [o, o + n) of a tensor
+    gets exactly that slice of the full tensor's values. ``rounds``: Philox rounds (10; 7 is the
+    faster variant used by fused dropout kernels). Values depend only on (seed, step, id, global
+    element index). Runs under ``no_grad``; returns None. Tensors: fp32/fp16/bf16, contiguous,
+    one device. Bad input raises before anything is written.
+    """
+    tensors, codes, shifts, scales, ids, offsets = _validate(tensors, init, ids, offsets, rounds)
+    key = philox.derive_key(seed, step)
+    if not tensors:
+        return
+    backend = resolve_impl(impl, *tensors, op="rerandomize_")
+    with torch.no_grad():
+        if backend == "torch":
+            _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets)
+        else:
+            torch.ops.lorafast.rerandomize_triton_(tensors, key[0], key[1], codes, shifts, scales,
+                                                   ids, offsets, rounds)
+
+
+# --------------------------------------------------------------------------- PyTorch path
+def _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets) -> None:
+    """The reference: all tensors' groups walked in chunks of ``philox.CHUNK_GROUPS`` groups, so
+    that many small tensors share one vectorised Philox evaluation."""
+    pieces: list[tuple[int, int, int]] = []   # (tensor index, first group, number of groups)
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        if codes[i] == LAW_ZEROS:
+            t.zero_()
+            continue
+        g0, g1 = offsets[i] // 4, (offsets[i] + t.numel() + 3) // 4
+        for gs in range(g0, g1, philox.CHUNK_GROUPS):
+            pieces.append((i, gs, min(philox.CHUNK_GROUPS, g1 - gs)))
+    device = tensors[0].device
+    chunk: list[tuple[int, int, int]] = []
+    size = 0
+    for p in pieces + [None]:
+        if p is None or (chunk and size + p[2] > philox.CHUNK_GROUPS):
+            if chunk:
+                _fill_chunk(chunk, tensors, key, rounds, codes, shifts, scales, ids, offsets, device)
+            chunk, size = [], 0
+        if p is not None:
+            chunk.append(p)
+            size += p[2]
+
+
+def _fill_chunk(chunk, tensors, key, rounds, codes, shifts, scales, ids, offsets, device) -> None:
+    g = torch.cat([torch.arange(gs, gs + ng, dtype=torch.int64, device=device) for _, gs, ng in chunk])
+    s = torch.cat([torch.full((ng,), ids[i], dtype=torch.int64, device=device) for i, _, ng in chunk])
+    words = torch.stack(philox.philox4x32(g & philox.MASK32, g >> 32, s, 0, key, rounds), dim=1)  # [G, 4]
+    pos = 0
+    for i, gs, ng in chunk:
+        w = words[pos:pos + ng]
+        pos += ng
+        t, off = tensors[i], offsets[i]
+        base = (philox.words_to_normal(w) if codes[i] == LAW_NORMAL else philox.words_to_uniform(w)).view(-1)
+        e_lo, e_hi = max(4 * gs, off), min(4 * (gs + ng), off + t.numel())   # global element range
+        vals = base[e_lo - 4 * gs: e_hi - 4 * gs].mul_(scales[i]).add_(shifts[i])  # fp32, two roundings
+        t.view(-1)[e_lo - off: e_hi - off].copy_(vals)                             # round to t.dtype
+
+
+# --------------------------------------------------------------------------- Triton path
+@torch.library.custom_op("lorafast::rerandomize_triton_", mutates_args=("tensors",))
+def _rerandomize_triton(tensors: list[torch.Tensor], k0: int, k1: int, codes: list[int],
+                        shifts: list[float], scales: list[float], ids: list[int], offsets: list[int],
+                        rounds: int) -> None:
+    from lorafast.kernels.rerandomize import rerandomize_launch  # lazy: keeps triton optional
+
+    rerandomize_launch(tensors, k0=k0, k1=k1, codes=codes, shifts=shifts, scales=scales, ids=ids,
+                       offsets=offsets, rounds=rounds)
+
+
+@_rerandomize_triton.register_fake
+def _(tensors, k0, k1, codes, shifts, scales, ids, offsets, rounds) -> None:
+    return None
+

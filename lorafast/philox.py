@@ -1,0 +1,216 @@
+"""Counter-based Philox4x32 random numbers in pure PyTorch: THE spec of lorafast's redraws.
+
+Local Random Initialization redraws the local parameters at every step. Their values must depend
+only on (seed, step, tensor, element) — not on the device, the launch grid, the block size or how
+a tensor is sharded — so that the reference model (this file, run on any device) and the Triton
+kernel ``lorafast.kernels.rerandomize`` produce the same numbers. This module defines them; it
+imports no triton.
+
+Generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11; Random123)
+    Philox4x32-R: 4 x 32-bit counter, 2 x 32-bit key, R rounds (default 10, 7 allowed). One round::
+
+        hi0, lo0 = mulhilo(M0, c0);  hi1, lo1 = mulhilo(M1, c2)
+        (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
+
+    with the key bumped ``k0 += W0, k1 += W1`` (mod 2^32) between rounds. M0 = 0xD2511F53,
+    M1 = 0xCD9E8D57, W0 = 0x9E3779B9, W1 = 0xBB67AE85. Checked against Random123's published
+    known-answer vectors (``tests/test_philox.py``).
+
+Key from (seed, step)
+    ``key64 = splitmix64(splitmix64(seed mod 2^64) XOR (step mod 2^64))``; k0 = low 32 bits,
+    k1 = high 32 bits. splitmix64 (Steele, Lea, Flood 2014) is a bijection of 64-bit words, so for
+    one seed every step gets its own key, and nearby seeds/steps give unrelated keys.
+
+Counter of an element
+    A tensor (or the full tensor a shard belongs to) is a flat stream of elements with a global
+    index ``e`` (a shard holding elements [o, o + n) has e = o + local index). Elements are
+    grouped by four: group ``g = e // 4`` uses the counter
+
+        (c0, c1, c2, c3) = (g mod 2^32, g >> 32, stream_id, 0)
+
+    and element e takes output word ``e % 4`` — all four words are used. ``stream_id`` is a
+    32-bit id of the tensor (the op defaults to the list position; the model passes the crc32
+    of the parameter name). Hence a value depends only on (seed, step, stream_id, e), never on
+    block size, launch grid, or sharding: refilling a slice with its offset gives exactly that
+    slice of the full refill.
+
+Words to floats (all in fp32; every step is exactly rounded, so the two paths agree bit for bit)
+    uniform ``u = (w >> 8) * 2^-24`` in [0, 1): the top 24 bits, exact in fp32, never 1.0.
+    normal (Box-Muller on word pairs (w0, w1) -> elements 4g, 4g+1 and (w2, w3) -> 4g+2, 4g+3):
+    ``u1 = 1 - u(w_even)`` in (0, 1] (exact, never 0), ``u2 = u(w_odd)``,
+    ``r = sqrt(-2 * log(u1))``, ``t = 2pi_f32 * u2``, elements ``r * cos(t)``, ``r * sin(t)``.
+    The smallest u1 is 2^-24, so |z| <= sqrt(48 ln 2) = 5.77 (the tails beyond 5.77 sigma,
+    probability 8e-9, are cut, as in Triton's ``tl.randn``).
+
+Cross-device agreement
+    The 32-bit words and the uniforms are bit-exact on every device (integer arithmetic in int64
+    that never overflows, then exact fp32 operations). Normals go through log, sqrt, cos and sin:
+    sqrt is correctly rounded everywhere, but log/cos/sin come from each device's math library
+    (SLEEF or libm on CPU, libdevice on CUDA, numpy under the Triton interpreter), so normals agree
+    across devices within a few fp32 ulps (|diff| <= ~4e-7 * max(1, |z|)), not bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32",
+    "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "group_words",
+    "element_words", "words_to_uniform", "words_to_normal", "uniform", "normal",
+]
+
+M0 = 0xD2511F53
+M1 = 0xCD9E8D57
+W0 = 0x9E3779B9
+W1 = 0xBB67AE85
+DEFAULT_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+TWO_PI_F32 = 6.2831854820251465  # float32(2 * pi), exactly representable in fp32
+_INV_2_24 = 2.0 ** -24
+
+# Groups of 4 elements processed per chunk: bounds the int64 temporaries (8 live int64
+# [chunk] tensors, 512 KB each at 2^16) and keeps each op's working set near the CPU caches.
+CHUNK_GROUPS = 1 << 16
+
+
+def splitmix64(x: int) -> int:
+    """splitmix64 finaliser of ``x`` (mod 2^64): a bijection of 64-bit words."""
+    z = (x + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def derive_key(seed: int, step: int) -> tuple[int, int]:
+    """Philox key (k0, k1), two ints in [0, 2^32), of the draw ``step`` of the stream ``seed``."""
+    for name, v in (("seed", seed), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be a Python int, got {type(v).__name__}")
+    k = splitmix64(splitmix64(seed & MASK64) ^ (step & MASK64))
+    return k & MASK32, k >> 32
+
+
+def _check_rounds(rounds: int) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+
+
+def philox4x32_int(counter: tuple[int, int, int, int], key: tuple[int, int],
+                   rounds: int = DEFAULT_ROUNDS) -> tuple[int, int, int, int]:
+    """Philox4x32-``rounds`` of one counter, in Python integers (the textbook statement)."""
+    _check_rounds(rounds)
+    c0, c1, c2, c3 = (int(c) & MASK32 for c in counter)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        p0, p1 = M0 * c0, M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32)
+    return c0, c1, c2, c3
+
+
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor | int, c2: torch.Tensor | int,
+               c3: torch.Tensor | int, key: tuple[int, int], rounds: int = DEFAULT_ROUNDS,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-``rounds`` on int64 tensors holding uint32 values (scalars broadcast).
+
+    Returns the four output words as int64 tensors in [0, 2^32). Only exact integer operations
+    that never overflow int64 are used, so the result is identical on every device. The inputs
+    are not modified.
+    """
+    _check_rounds(rounds)
+    c0 = torch.as_tensor(c0, dtype=torch.int64)
+    dev, shape = c0.device, c0.shape
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=dev).expand(shape).clone()
+                      for c in (c0, c1, c2, c3))
+    a0, b0, a1, b1 = (torch.empty_like(c0) for _ in range(4))
+    k0, k1 = (int(k) & MASK32 for k in key)
+    # mulhilo(m, c) for m, c < 2^32 without int64 overflow: split m = mh * 2^16 + ml, so that
+    # a = c * ml and b = c * mh are < 2^48 and m * c = b * 2^16 + a; then
+    # hi = (b + (a >> 16)) >> 16 and lo = (a + ((b mod 2^16) << 16)) mod 2^32.
+    ml0, mh0, ml1, mh1 = M0 & 0xFFFF, M0 >> 16, M1 & 0xFFFF, M1 >> 16
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        torch.mul(c0, ml0, out=a0)
+        torch.mul(c0, mh0, out=b0)
+        torch.mul(c2, ml1, out=a1)
+        torch.mul(c2, mh1, out=b1)
+        # c2 <- hi0 ^ c3 ^ k1   (old c3 still intact)
+        torch.bitwise_right_shift(a0, 16, out=c2)
+        c2.add_(b0).bitwise_right_shift_(16).bitwise_xor_(c3).bitwise_xor_(k1)
+        # c3 <- lo0
+        torch.bitwise_and(b0, 0xFFFF, out=c3)
+        c3.bitwise_left_shift_(16).add_(a0).bitwise_and_(MASK32)
+        # c0 <- hi1 ^ c1 ^ k0   (old c1 still intact)
+        torch.bitwise_right_shift(a1, 16, out=c0)
+        c0.add_(b1).bitwise_right_shift_(16).bitwise_xor_(c1).bitwise_xor_(k0)
+        # c1 <- lo1
+        torch.bitwise_and(b1, 0xFFFF, out=c1)
+        c1.bitwise_left_shift_(16).add_(a1).bitwise_and_(MASK32)
+    return c0, c1, c2, c3
+
+
+def group_words(group_start: int, num_groups: int, *, key: tuple[int, int], stream: int,
+                rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 4 words of groups [group_start, group_start + num_groups): int64 ``[num_groups, 4]``."""
+    if group_start < 0 or num_groups < 0 or group_start + num_groups > 1 << 62:
+        raise ValueError(f"group range [{group_start}, {group_start + num_groups}) is out of [0, 2^62)")
+    if not 0 <= stream <= MASK32:
+        raise ValueError(f"stream id must be in [0, 2^32), got {stream}")
+    out = torch.empty(num_groups, 4, dtype=torch.int64, device=device)
+    for s in range(0, num_groups, CHUNK_GROUPS):
+        n = min(CHUNK_GROUPS, num_groups - s)
+        g = torch.arange(group_start + s, group_start + s + n, dtype=torch.int64, device=device)
+        words = philox4x32(g & MASK32, g >> 32, stream, 0, key, rounds)
+        out[s:s + n] = torch.stack(words, dim=1)
+    return out
+
+
+def element_words(offset: int, numel: int, *, key: tuple[int, int], stream: int,
+                  rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The word of each element in [offset, offset + numel) of stream ``stream``: int64 ``[numel]``."""
+    if offset < 0 or numel < 0:
+        raise ValueError(f"offset and numel must be >= 0, got {offset}, {numel}")
+    g0, g1 = offset // 4, (offset + numel + 3) // 4
+    words = group_words(g0, g1 - g0, key=key, stream=stream, rounds=rounds, device=device)
+    return words.view(-1)[offset - 4 * g0: offset - 4 * g0 + numel]
+
+
+def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
+    """fp32 uniform in [0, 1) from the top 24 bits of each word (exact, never 1.0)."""
+    return (words >> 8).to(torch.float32).mul_(_INV_2_24)
+
+
+def words_to_normal(words: torch.Tensor) -> torch.Tensor:
+    """fp32 standard normals from int64 words ``[G, 4]`` (whole groups): Box-Muller per pair.
+
+    Pair p of group g (words 2p, 2p+1) gives elements 4g+2p (r cos t) and 4g+2p+1 (r sin t).
+    """
+    if words.dim() != 2 or words.shape[1] != 4:
+        raise ValueError(f"words must have shape [G, 4], got {tuple(words.shape)}")
+    u = words_to_uniform(words).view(-1, 2, 2)                       # [G, pair, (u1 word, u2 word)]
+    u1 = torch.sub(1.0, u[..., 0])                                   # (0, 1], exact
+    r = torch.log(u1).mul_(-2.0).sqrt_()
+    t = u[..., 1].mul(TWO_PI_F32)
+    return torch.stack((r * torch.cos(t), r * torch.sin(t)), dim=-1).view(-1, 4)
+
+
+def uniform(offset: int, numel: int, *, key: tuple[int, int], stream: int,
+            rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 uniforms in [0, 1) of elements [offset, offset + numel) of stream ``stream``."""
+    return words_to_uniform(element_words(offset, numel, key=key, stream=stream, rounds=rounds, device=device))
+
+
+def normal(offset: int, numel: int, *, key: tuple[int, int], stream: int,
+           rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 standard normals of elements [offset, offset + numel) of stream ``stream``."""
+    g0, g1 = offset // 4, (offset + numel + 3) // 4
+    z = words_to_normal(group_words(g0, g1 - g0, key=key, stream=stream, rounds=rounds, device=device))
+    return z.view(-1)[offset - 4 * g0: offset - 4 * g0 + numel]
+
+
+assert math.isclose(TWO_PI_F32, 2 * math.pi, rel_tol=1e-7)

@@ -1,0 +1,160 @@
+"""The PyTorch Philox reference generator (lorafast.philox) and the init laws (lorafast.init_laws)."""
+import math
+
+import pytest
+import torch
+
+from lorafast import init_laws, philox
+from lorafast.init_laws import KaimingUniform, Normal, Uniform, Zeros
+
+# Random123 kat_vectors (github.com/DEShawResearch/random123, tests/kat_vectors):
+# name rounds counter[4] key[2] -> output[4]
+KAT = [
+    (10, (0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (10, (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (10, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (7, (0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+    (7, (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
+    (7, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+]
+
+
+@pytest.mark.parametrize("rounds,ctr,key,want", KAT)
+def test_known_answer_vectors(rounds, ctr, key, want):
+    assert philox.philox4x32_int(ctr, key, rounds) == want
+    # tensor path: the KAT counter in every lane of a batch, and as broadcast scalars
+    c = [torch.full((5,), v, dtype=torch.int64) for v in ctr]
+    for words in (philox.philox4x32(*c, key, rounds), philox.philox4x32(c[0], *ctr[1:], key, rounds)):
+        got = tuple(int(w[i]) for w in words for i in (0,))
+        assert got == want, [hex(x) for x in got]
+        assert all(bool((w == w[0]).all()) for w in words)
+
+
+def test_tensor_path_matches_integer_path():
+    gen = torch.Generator().manual_seed(1)
+    ctr = torch.randint(0, 1 << 32, (4, 64), generator=gen, dtype=torch.int64)
+    key = (0x1234ABCD, 0xFEDCBA98)
+    words = philox.philox4x32(*ctr, key)
+    for j in range(64):
+        want = philox.philox4x32_int(tuple(int(c[j]) for c in ctr), key)
+        assert tuple(int(w[j]) for w in words) == want
+    assert all(int(w.min()) >= 0 and int(w.max()) <= philox.MASK32 for w in words)
+
+
+def test_derive_key():
+    assert philox.derive_key(0, 0) == philox.derive_key(0, 0)
+    keys = {philox.derive_key(s, t) for s in range(8) for t in range(64)}
+    assert len(keys) == 8 * 64
+    k0, k1 = philox.derive_key(-1, 2 ** 70)   # reduced mod 2^64
+    assert 0 <= k0 <= philox.MASK32 and 0 <= k1 <= philox.MASK32
+    with pytest.raises(TypeError):
+        philox.derive_key(1.0, 0)
+    with pytest.raises(TypeError):
+        philox.derive_key(0, torch.tensor(1))
+
+
+def test_counter_layout_and_slices():
+    key = philox.derive_key(3, 7)
+    w = philox.group_words(5, 3, key=key, stream=9)
+    for j, g in enumerate(range(5, 8)):
+        assert tuple(int(x) for x in w[j]) == philox.philox4x32_int((g, 0, 9, 0), key)
+    full = philox.element_words(0, 101, key=key, stream=9)
+    for o, n in [(0, 101), (1, 7), (3, 50), (4, 97), (99, 2)]:
+        assert torch.equal(philox.element_words(o, n, key=key, stream=9), full[o:o + n])
+    assert torch.equal(philox.normal(13, 40, key=key, stream=9), philox.normal(0, 60, key=key, stream=9)[13:53])
+    # group indices past 2^32 use the high counter word
+    g = (1 << 33) + 5
+    w = philox.element_words(4 * g + 2, 3, key=key, stream=1)
+    ref = philox.philox4x32_int((g & philox.MASK32, g >> 32, 1, 0), key)
+    ref2 = philox.philox4x32_int(((g + 1) & philox.MASK32, (g + 1) >> 32, 1, 0), key)
+    assert [int(x) for x in w] == [ref[2], ref[3], ref2[0]]
+
+
+def test_uniform_limits():
+    w = torch.tensor([0, 1, 255, 256, philox.MASK32, philox.MASK32 - 255], dtype=torch.int64)
+    u = philox.words_to_uniform(w)
+    assert u.dtype == torch.float32
+    assert u.tolist() == [0.0, 0.0, 0.0, 2.0 ** -24, 1 - 2.0 ** -24, 1 - 2.0 ** -24]
+    z = philox.words_to_normal(torch.tensor([[0, 0, philox.MASK32, philox.MASK32]], dtype=torch.int64))
+    assert torch.isfinite(z).all()
+    assert z[0, :2].tolist() == [0.0, 0.0]                    # u1 = 1 -> r = 0
+    assert abs(float(z[0, 2])) <= math.sqrt(48 * math.log(2)) + 1e-5
+
+
+def test_uniform_ks_statistic():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    u = philox.uniform(0, 10 ** 6, key=philox.derive_key(0, 0), stream=0)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    stat = scipy_stats.kstest(u.double().numpy(), "uniform").statistic
+    assert stat < 0.01, stat
+
+
+def test_normal_moments():
+    z = philox.normal(0, 10 ** 6, key=philox.derive_key(1, 2), stream=3).double()
+    assert abs(float(z.mean())) < 1e-2 and abs(float(z.std()) - 1) < 1e-2
+    assert float(z.abs().max()) <= math.sqrt(48 * math.log(2)) + 1e-5
+    assert 0.30 < float((z.abs() > 1).double().mean()) < 0.335       # P(|z| > 1) = 0.3173
+
+
+def test_streams_uncorrelated():
+    n = 1 << 16
+    k = philox.derive_key(0, 0)
+    a = philox.uniform(0, n, key=k, stream=0).double()
+    others = [philox.uniform(0, n, key=philox.derive_key(0, 1), stream=0),   # next step
+              philox.uniform(0, n, key=philox.derive_key(1, 0), stream=0),   # other seed
+              philox.uniform(0, n, key=k, stream=1),                         # other tensor
+              philox.uniform(1, n, key=k, stream=0)]                         # shifted by one
+    for b in others:
+        corr = torch.corrcoef(torch.stack([a, b.double()]))[0, 1]
+        assert abs(float(corr)) < 0.02
+
+
+# --------------------------------------------------------------------------- init laws
+def test_laws_validate_at_construction():
+    with pytest.raises(ValueError):
+        Normal(0.0, -1.0)
+    with pytest.raises(ValueError):
+        Normal(float("nan"), 1.0)
+    with pytest.raises(ValueError):
+        Uniform(1.0, 0.0)
+    with pytest.raises(TypeError):
+        Uniform("0", 1.0)
+    with pytest.raises(ValueError):
+        KaimingUniform(mode="fan_avg")
+    with pytest.raises(ValueError):
+        KaimingUniform(nonlinearity="swish")
+    with pytest.raises(ValueError):
+        KaimingUniform(fan=0)
+    with pytest.raises(ValueError):
+        KaimingUniform().lower((5,))              # 1-D: no fan, as in torch
+    with pytest.raises(Exception):
+        Normal().std = 2.0                        # frozen
+    assert Normal() == Normal(0.0, 1.0) and Zeros().lower((3,)) == (init_laws.LAW_ZEROS, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (8, 4, 3, 3), (5, 7)])
+@pytest.mark.parametrize("mode,nonlin,a", [("fan_in", "leaky_relu", math.sqrt(5)), ("fan_out", "relu", 0.0),
+                                           ("fan_in", "tanh", 0.0)])
+def test_kaiming_bound_matches_torch(shape, mode, nonlin, a):
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+    fan = fan_in if mode == "fan_in" else fan_out
+    want = math.sqrt(3.0) * (torch.nn.init.calculate_gain(nonlin, a) / math.sqrt(fan))
+    law = KaimingUniform(a=a, mode=mode, nonlinearity=nonlin)
+    assert law.bound(shape) == want
+    assert KaimingUniform(a=a, mode=mode, nonlinearity=nonlin, fan=fan).bound((3,)) == want  # shard
+    code, shift, scale = law.lower(shape)
+    assert code == init_laws.LAW_UNIFORM and shift == -scale / 2
+    assert shift == init_laws.to_fp32(-want)
+
+
+def test_lowering_is_fp32():
+    code, shift, scale = Uniform(-0.1, 0.3).lower()
+    assert code == init_laws.LAW_UNIFORM
+    assert shift == float(torch.tensor(-0.1, dtype=torch.float32)) and scale == float(torch.tensor(0.4, dtype=torch.float32))
+    assert Normal(0.5, 0.02).lower() == (init_laws.LAW_NORMAL, init_laws.to_fp32(0.5), init_laws.to_fp32(0.02))
