@@ -216,17 +216,17 @@ def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     else:
         dh, dw, db = _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0], -1),
                                         lse, grad_rows, need_dh, need_dw, need_db)
-    empty = h.new_empty((0,))
-    return (dh.to(h.dtype) if need_dh else empty, dw.to(h.dtype) if need_dw else empty,
-            db.to(h.dtype) if need_db else empty)
+    empty = lambda: h.new_empty((0,))  # noqa: E731  (outputs must not alias each other)
+    return (dh.to(h.dtype) if need_dh else empty(), dw.to(h.dtype) if need_dw else empty(),
+            db.to(h.dtype) if need_db else empty())
 
 
 @_ce_bwd.register_fake
 def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db):
-    empty = h.new_empty((0,))
+    empty = lambda: h.new_empty((0,))  # noqa: E731
     need_db = need_db and bias is not None
-    return (torch.empty_like(h) if need_dh else empty, torch.empty_like(weight) if need_dw else empty,
-            torch.empty_like(bias) if need_db else empty)
+    return (torch.empty_like(h) if need_dh else empty(), torch.empty_like(weight) if need_dw else empty(),
+            torch.empty_like(bias) if need_db else empty())
 
 
 def _ce_setup_context(ctx, inputs, output):

@@ -1,0 +1,238 @@
+"""Fused linear + cross-entropy / softmax against an fp64 ground truth (Cut Cross-Entropy's rule).
+
+Rule: |ours - truth| <= |torch in the same dtype - truth| + tol, elementwise, with truth the
+fp64 computation; tol 5e-4 (fp32) / 1e-3 (fp16) as in CCE's tests (relative above |truth| = 1,
+see assert_rule). The Triton kernels run in
+the interpreter (conftest), so shapes are small and the cross-product of shape x dtype x bias x
+reduction x confidence is sampled: every shape, flag and dtype appears, for both backends.
+bf16 is checked only on a GPU (the interpreter's bf16 tl.dot is broken in triton 3.9).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafast.ops._linear_ce import linear_cross_entropy, linear_softmax
+
+TOL = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+IGNORE = -100
+
+
+def assert_rule(name, ours, ref, truth, tol):
+    """|ours - truth| <= |ref - truth| + tol elementwise; report the worst index on failure."""
+    ours, ref, truth = ours.double(), ref.double(), truth.double()
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    # tol is absolute up to |truth| = 1 and relative beyond: with "sum"/"none" and O(1) upstream
+    # gradients, values exceed 1, where CCE's absolute 1e-3 is below one fp16 ulp.
+    excess = (ours - truth).abs() - ((ref - truth).abs() + tol * truth.abs().clamp(min=1.0))
+    excess = torch.nan_to_num(excess, nan=float("inf"))
+    if excess.numel() and excess.max() > 0:
+        i = int(excess.argmax())
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), excess.shape))
+        raise AssertionError(f"{name}: worst at {idx}: ours {ours.flatten()[i]:.6g}, torch "
+                             f"{ref.flatten()[i]:.6g}, truth {truth.flatten()[i]:.6g}, excess {excess.max():.3g}")
+
+
+def make_case(N, V, D, dtype, bias, confident, ignore_frac=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    if confident:
+        # adversarially confident: push every row towards its target class (softmax ~ one-hot)
+        h = h + 6.0 * w[y] * D ** 0.5
+    y[torch.rand(N, generator=g) < ignore_frac] = IGNORE
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(h), cast(w), cast(b), y
+
+
+def run_ce(fn, h, w, b, y, reduction, upstream):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    loss = fn(h, w, b, y, reduction)
+    out = (loss * upstream).sum() if reduction == "none" else loss
+    out.backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def eager(h, w, b, y, reduction):
+    return F.cross_entropy(F.linear(h, w, b), y, ignore_index=IGNORE, reduction=reduction)
+
+
+# (N, V, D), dtype, bias, reduction, confident: every shape meets every dtype, every reduction,
+# bias on and off and confident logits (a rotation through the flags, not the full product).
+_FLAGS = [(True, "mean", False), (False, "none", False), (True, "sum", True),
+          (False, "mean", True), (True, "none", False), (False, "sum", True)]
+CASES = [(shape, dtype, *_FLAGS[(3 * i + j + k) % 6])
+         for i, shape in enumerate([(37, 123, 31), (64, 1000, 64), (5, 4099, 48)])
+         for j, dtype in enumerate([torch.float32, torch.float16])
+         for k in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("shape,dtype,bias,reduction,confident", CASES)
+def test_loss_and_grads(impl, shape, dtype, bias, reduction, confident):
+    N, V, D = shape
+    h, w, b, y = make_case(N, V, D, dtype, bias, confident)
+    upstream = torch.randn(N, dtype=torch.float64)
+    h0, w0, y0 = h.clone(), w.clone(), y.clone()
+
+    ours = run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction=a[4], impl=impl), h, w, b, y, reduction,
+                  upstream.float())
+    truth = run_ce(eager, h.double(), w.double(), b.double() if bias else None, y, reduction, upstream)
+    ref = run_ce(eager, h, w, b, y, reduction, upstream.to(dtype))
+
+    assert ours[0].dtype == torch.float32
+    for name, o, r, t in zip(("loss", "dh", "dW", "db"), ours, ref, truth):
+        if t is None:
+            assert o is None
+            continue
+        if name != "loss":
+            assert o.dtype == dtype, f"{name} dtype {o.dtype}"
+        assert_rule(f"{impl} {name}", o, r, t, TOL[dtype])
+    # the caller's tensors are untouched
+    assert torch.equal(h, h0) and torch.equal(w, w0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_leading_dims_partial_grads_and_sum_of_none(impl):
+    h, w, b, y = make_case(24, 300, 40, torch.float32, True, False)
+    h3 = h.reshape(2, 12, 40).detach().requires_grad_()
+    y2 = y.reshape(2, 12)
+    # weight frozen: only dh and db requested
+    bb = b.clone().requires_grad_()
+    loss = linear_cross_entropy(h3, w, bb, y2, reduction="none", impl=impl)
+    assert loss.shape == (2, 12)
+    ref = F.cross_entropy(F.linear(h3.double(), w.double(), b.double()).reshape(24, 300), y, reduction="none",
+                          ignore_index=IGNORE).reshape(2, 12)
+    assert_rule("none", loss, ref.float(), ref, 5e-4)
+    assert (loss[y2 == IGNORE] == 0).all()
+    loss.sum().backward()
+    assert h3.grad.shape == h3.shape and bb.grad.shape == b.shape
+    total = linear_cross_entropy(h, w, b, y, reduction="sum", impl=impl)
+    torch.testing.assert_close(total, loss.sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_all_ignored(impl):
+    h, w, b, y = make_case(6, 50, 16, torch.float32, True, False)
+    y[:] = IGNORE
+    hh = h.clone().requires_grad_()
+    loss = linear_cross_entropy(hh, w, b, y, impl=impl)
+    assert torch.isnan(loss)  # 0 / 0, as F.cross_entropy
+    assert linear_cross_entropy(h, w, b, y, reduction="sum", impl=impl) == 0
+    linear_cross_entropy(hh, w, b, y, reduction="sum", impl=impl).backward()
+    assert (hh.grad == 0).all()
+
+
+@pytest.mark.parametrize("impl,dtype,bias,log,temperature", [
+    ("triton", torch.float32, True, False, 1.0),
+    ("triton", torch.float16, False, True, 0.7),
+    ("triton", torch.float32, False, True, 2.0),
+    ("torch", torch.float32, True, True, 0.5),
+    ("torch", torch.float16, True, False, 1.0),
+])
+@pytest.mark.parametrize("shape", [(37, 123, 31), (5, 4099, 48)])
+def test_softmax(impl, dtype, bias, log, temperature, shape):
+    N, V, D = shape
+    h, w, b, _ = make_case(N, V, D, dtype, bias, confident=False)
+    ours = linear_softmax(h, w, b, temperature=temperature, log=log, impl=impl)
+    assert ours.dtype == dtype and ours.shape == (N, V)
+
+    def ref(hh, ww, bb):
+        z = F.linear(hh, ww, bb) / temperature
+        return torch.log_softmax(z, -1) if log else torch.softmax(z, -1)
+
+    truth = ref(h.double(), w.double(), b.double() if bias else None)
+    same = ref(h, w, b)
+    assert_rule(f"{impl} {'log_' if log else ''}softmax", ours, same, truth, 1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_bad_target_raises_on_cpu(impl):
+    h, w, b, y = make_case(8, 40, 16, torch.float32, True, False)
+    for bad in (40, -1, 10**12):
+        yy = y.clone()
+        yy[3] = bad
+        with pytest.raises(ValueError, match="outside"):
+            linear_cross_entropy(h, w, b, yy, impl=impl)
+    # -1 is fine when it is the ignore_index
+    yy = torch.where(y == IGNORE, -1, y)
+    yy[3] = -1
+    linear_cross_entropy(h, w, b, yy, ignore_index=-1, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_bad_target_unchecked_is_nan_not_a_crash(impl):
+    h, w, b, y = make_case(8, 40, 16, torch.float32, True, False, ignore_frac=0.0)
+    y[2] = 10**9
+    loss = linear_cross_entropy(h, w, b, y, reduction="none", impl=impl, check=False)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(8) != 2]).all()
+
+
+def test_validation_errors():
+    h, w, b, y = make_case(8, 40, 16, torch.float32, True, False)
+    ce = linear_cross_entropy
+    with pytest.raises(TypeError, match="int64"):
+        ce(h, w, b, y.int())
+    with pytest.raises(ValueError, match="targets shape"):
+        ce(h, w, b, y[:5])
+    with pytest.raises(ValueError, match="weight"):
+        ce(h, w[:, :8], b, y)
+    with pytest.raises(ValueError, match="bias"):
+        ce(h, w, b[:5], y)
+    with pytest.raises(TypeError, match="dtype"):
+        ce(h, w.half(), b, y)
+    with pytest.raises(TypeError, match="bias dtype"):
+        ce(h, w, b.double(), y)
+    with pytest.raises(TypeError, match="float32"):
+        ce(h.long(), w.long(), None, y)
+    with pytest.raises(ValueError, match="on meta"):
+        ce(h, w.to("meta"), b, y)
+    with pytest.raises(ValueError, match="on meta"):
+        ce(h, w, b, y.to("meta"))
+    with pytest.raises(ValueError, match="reduction"):
+        ce(h, w, b, y, reduction="avg")
+    with pytest.raises(ValueError, match="impl"):
+        ce(h, w, b, y, impl="cuda")
+    with pytest.raises(ValueError, match="temperature"):
+        linear_softmax(h, w, b, temperature=0.0)
+    with pytest.raises(ValueError, match="weight"):
+        linear_softmax(h, w.t(), b)
+
+
+def test_opcheck():
+    h, w, b, y = make_case(6, 20, 8, torch.float32, True, False)
+    torch.library.opcheck(torch.ops.lorafast.linear_ce_fwd.default,
+                          (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, IGNORE, "torch"))
+    torch.library.opcheck(torch.ops.lorafast.linear_softmax.default, (h.detach(), w.detach(), None, 1.0, False, "torch"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_rule_and_large_offsets(dtype):
+    """On a GPU: the CCE rule in bf16/fp16 at a real size, and N*V past 2**31 (int64 offsets)."""
+    dev = "cuda"
+    h, w, b, y = make_case(2048, 32003, 256, torch.float32, True, False)
+    h, w, b, y = (t.to(dev) for t in (h, w, b, y))
+    ours = run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction=a[4]), h.to(dtype), w.to(dtype), b.to(dtype), y,
+                  "mean", None)
+    truth = run_ce(eager, h.double(), w.double(), b.double(), y, "mean", None)
+    ref = run_ce(eager, h.to(dtype), w.to(dtype), b.to(dtype), y, "mean", None)
+    for name, o, r, t in zip(("loss", "dh", "dW", "db"), ours, ref, truth):
+        assert_rule(name, o, r, t, TOL[dtype])
+    # N * V = 66000 * 32768 > 2**31: compare the last rows with the chunked torch path
+    N, V, D = 66000, 32768, 64
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, D, device=dev, generator=g).to(dtype)
+    w = (torch.randn(V, D, device=dev, generator=g) / 8).to(dtype)
+    y = torch.randint(0, V, (N,), device=dev, generator=g)
+    a = linear_cross_entropy(h, w, None, y, reduction="none")
+    c = linear_cross_entropy(h, w, None, y, reduction="none", impl="torch")
+    torch.testing.assert_close(a[-100:], c[-100:], rtol=2e-2, atol=2e-2)
+    p = linear_softmax(h[-40000:], w, None)
+    q = linear_softmax(h[-40000:], w, None, impl="torch")
+    torch.testing.assert_close(p[-10:].float(), q[-10:].float(), rtol=2e-2, atol=1e-4)
