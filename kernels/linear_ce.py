@@ -274,7 +274,8 @@ def _splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int
     """(SPLIT, TILES_PER_SPLIT): split the vocabulary until the grid fills ~2 waves of SMs."""
     if device.type != "cuda":
         return 1, n_tiles  # interpreter: fewer programs run faster
-    want = max(1, triton.cdiv(2 * _num_sms(device.index or 0), n_blocks))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = max(1, triton.cdiv(2 * _num_sms(index), n_blocks))
     per = triton.cdiv(n_tiles, min(want, n_tiles))
     return triton.cdiv(n_tiles, per), per
 

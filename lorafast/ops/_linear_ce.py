@@ -120,7 +120,9 @@ def _torch_lse(h, weight, bias, targets, scale: float = 1.0):
             zt[i:i + r] = z.gather(1, targets[i:i + r, None])[:, 0]
         if scale != 1.0:
             z.mul_(scale)
-        lse[i:i + r] = torch.logsumexp(z, dim=1)
+        # log-sum-exp in place on the chunk (no [r, V] temporaries)
+        m = z.amax(dim=1, keepdim=True)
+        torch.add(m[:, 0], z.sub_(m).exp_().sum(dim=1).log_(), out=lse[i:i + r])
     return lse, zt
 
 
@@ -160,7 +162,13 @@ def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
         z = F.linear(h[i:i + r].float(), w, b)
         if scale != 1.0:
             z.mul_(scale)
-        out[i:i + r] = torch.log_softmax(z, 1) if log else torch.softmax(z, 1)
+        z.sub_(z.amax(dim=1, keepdim=True))
+        if log:
+            z.sub_(z.exp().sum(dim=1, keepdim=True).log_())
+        else:
+            z.exp_()
+            z.div_(z.sum(dim=1, keepdim=True))
+        out[i:i + r] = z
     return out
 
 
