@@ -56,7 +56,7 @@ import math
 import torch
 
 __all__ = [
-    "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32",
+    "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32", "chunk_groups",
     "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "group_words",
     "element_words", "words_to_uniform", "words_to_normal", "uniform", "normal",
 ]
@@ -71,9 +71,18 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 TWO_PI_F32 = 6.2831854820251465  # float32(2 * pi), exactly representable in fp32
 _INV_2_24 = 2.0 ** -24
 
-# Groups of 4 elements processed per chunk: bounds the int64 temporaries (8 live int64
-# [chunk] tensors, 512 KB each at 2^16) and keeps each op's working set near the CPU caches.
-CHUNK_GROUPS = 1 << 16
+# Groups of 4 elements processed per chunk (8 live int64 [chunk] temporaries). On CPU, the chunk
+# and its [chunk, 4] float tensors stay under ATen's parallel grain size (32768 elements), so each
+# of the ~250 ops per chunk runs on the calling thread with no OpenMP barrier: on a shared, busy
+# 2-core machine a barrier per op cost up to a scheduler time slice and made the draw 10-100x
+# slower. On GPUs, large chunks (few launches).
+CHUNK_GROUPS_CPU = 1 << 12
+CHUNK_GROUPS_GPU = 1 << 20
+
+
+def chunk_groups(device: torch.device | str) -> int:
+    """Groups per chunk of the PyTorch path on ``device``."""
+    return CHUNK_GROUPS_CPU if torch.device(device).type == "cpu" else CHUNK_GROUPS_GPU
 
 
 def splitmix64(x: int) -> int:
@@ -162,8 +171,9 @@ def group_words(group_start: int, num_groups: int, *, key: tuple[int, int], stre
     if not 0 <= stream <= MASK32:
         raise ValueError(f"stream id must be in [0, 2^32), got {stream}")
     out = torch.empty(num_groups, 4, dtype=torch.int64, device=device)
-    for s in range(0, num_groups, CHUNK_GROUPS):
-        n = min(CHUNK_GROUPS, num_groups - s)
+    chunk = chunk_groups(device)
+    for s in range(0, num_groups, chunk):
+        n = min(chunk, num_groups - s)
         g = torch.arange(group_start + s, group_start + s + n, dtype=torch.int64, device=device)
         words = philox4x32(g & MASK32, g >> 32, stream, 0, key, rounds)
         out[s:s + n] = torch.stack(words, dim=1)

@@ -101,8 +101,10 @@ def rerandomize_(tensors: Sequence[torch.Tensor], *, seed: int, step: int, init,
 
 # --------------------------------------------------------------------------- PyTorch path
 def _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets) -> None:
-    """The reference: all tensors' groups walked in chunks of ``philox.CHUNK_GROUPS`` groups, so
-    that many small tensors share one vectorised Philox evaluation."""
+    """The reference: all tensors' groups walked in chunks of ``philox.chunk_groups(device)``
+    groups, so that many small tensors share one vectorised Philox evaluation."""
+    device = tensors[0].device
+    chunk_size = philox.chunk_groups(device)
     pieces: list[tuple[int, int, int]] = []   # (tensor index, first group, number of groups)
     for i, t in enumerate(tensors):
         if t.numel() == 0:
@@ -111,13 +113,12 @@ def _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets
             t.zero_()
             continue
         g0, g1 = offsets[i] // 4, (offsets[i] + t.numel() + 3) // 4
-        for gs in range(g0, g1, philox.CHUNK_GROUPS):
-            pieces.append((i, gs, min(philox.CHUNK_GROUPS, g1 - gs)))
-    device = tensors[0].device
+        for gs in range(g0, g1, chunk_size):
+            pieces.append((i, gs, min(chunk_size, g1 - gs)))
     chunk: list[tuple[int, int, int]] = []
     size = 0
     for p in pieces + [None]:
-        if p is None or (chunk and size + p[2] > philox.CHUNK_GROUPS):
+        if p is None or (chunk and size + p[2] > chunk_size):
             if chunk:
                 _fill_chunk(chunk, tensors, key, rounds, codes, shifts, scales, ids, offsets, device)
             chunk, size = [], 0
