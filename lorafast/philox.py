@@ -78,6 +78,7 @@ _INV_2_24 = 2.0 ** -24
 # slower. On GPUs, large chunks (few launches).
 CHUNK_GROUPS_CPU = 1 << 12
 CHUNK_GROUPS_GPU = 1 << 20
+BOX_MULLER_GROUPS_CPU = 1 << 10
 
 
 def chunk_groups(device: torch.device | str) -> int:
@@ -202,11 +203,19 @@ def words_to_normal(words: torch.Tensor) -> torch.Tensor:
     """
     if words.dim() != 2 or words.shape[1] != 4:
         raise ValueError(f"words must have shape [G, 4], got {tuple(words.shape)}")
-    u = words_to_uniform(words).view(-1, 2, 2)                       # [G, pair, (u1 word, u2 word)]
-    u1 = torch.sub(1.0, u[..., 0])                                   # (0, 1], exact
-    r = torch.log(u1).mul_(-2.0).sqrt_()
-    t = u[..., 1].mul(TWO_PI_F32)
-    return torch.stack((r * torch.cos(t), r * torch.sin(t)), dim=-1).view(-1, 4)
+    out = torch.empty(words.shape, dtype=torch.float32, device=words.device)
+    # On CPU, ATen runs log/sqrt/cos/sin of >= 4096 elements on its thread pool: slices of
+    # BOX_MULLER_GROUPS_CPU groups (2048 pairs) keep them on the calling thread (see chunk_groups).
+    step = BOX_MULLER_GROUPS_CPU if words.device.type == "cpu" else max(1, words.shape[0])
+    for s in range(0, words.shape[0], step):
+        u = words_to_uniform(words[s:s + step]).view(-1, 2, 2)      # [G, pair, (u1 word, u2 word)]
+        u1 = torch.sub(1.0, u[..., 0])                              # (0, 1], exact
+        r = torch.log(u1).mul_(-2.0).sqrt_()
+        t = u[..., 1].mul(TWO_PI_F32)
+        o = out[s:s + step].view(-1, 2, 2)
+        torch.mul(r, torch.cos(t), out=o[..., 0])
+        torch.mul(r, torch.sin(t), out=o[..., 1])
+    return out
 
 
 def uniform(offset: int, numel: int, *, key: tuple[int, int], stream: int,

@@ -1,0 +1,159 @@
+"""Benchmark: one-launch Philox re-randomisation against a per-tensor torch.nn.init loop and a copy.
+
+Cases
+  gpt2_local  the block parameters of a GPT-2-small-shaped model (12 blocks, width 768, FFN 3072:
+              qkv, attention output, FFN in/out weights (kaiming-uniform) and their biases
+              (normal(0, 0.02)), LayerNorm weights/biases (normal)) = 96 tensors, 85M elements —
+              the largest local set a preset can ask for; on CPU a 2-block width-256 model.
+  large       one large tensor (GPU: 2^28 elements = 1 GiB fp32; CPU: 2^22), normal or uniform law.
+Providers
+  lorafast    ``lorafast.ops._rerandomize.rerandomize_`` with impl="auto" (the one-launch Triton
+              kernel on CUDA; the PyTorch Philox path on CPU); ``lorafast_r7``: 7 Philox rounds.
+  torch_init  a Python loop of ``torch.nn.init.kaiming_uniform_`` / ``normal_`` / ``uniform_`` per
+              tensor (the launch-per-tensor baseline; draws are not reproducible across GPUs).
+  copy        a device-to-device ``copy_`` of one flat buffer holding the same number of bytes.
+GB/s counts bytes moved: written bytes for a fill, read + written bytes for the copy; ``vs_copy``
+is GB/s over the copy's GB/s (the issue's goal on H200: >= 0.9 on large tensors) and
+``speedup_vs_init`` the per-tensor loop's time over lorafast's (goal: >= 5 on gpt2_local).
+``python -m lorafast.bench.rerandomize [--device cuda] [--full] [--save FILE]``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable
+
+import torch
+
+from lorafast.bench import common
+
+FACTORY = "lorafast.bench.rerandomize:setup"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def gpt2_local_shapes(n_layer: int = 12, d: int = 768, ffn: int = 3072) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, law name) of every block parameter of a GPT-2-shaped model."""
+    out = []
+    for _ in range(n_layer):
+        out += [((d,), "normal"), ((d,), "normal"),                       # ln_1 weight, bias
+                ((3 * d, d), "kaiming"), ((3 * d,), "normal"),            # qkv
+                ((d, d), "kaiming"), ((d,), "normal"),                    # attention output
+                ((d,), "normal"), ((d,), "normal"),                       # ln_2
+                ((ffn, d), "kaiming"), ((ffn,), "normal"),                # FFN in
+                ((d, ffn), "kaiming"), ((d,), "normal")]                  # FFN out
+    return out
+
+
+def _case(case: str, device: str, n_layer: int, d: int, numel: int, law: str):
+    if case == "gpt2_local":
+        return gpt2_local_shapes(n_layer, d, 4 * d)
+    if case == "large":
+        return [((numel,), law)]
+    raise ValueError(f"unknown case {case!r}")
+
+
+def setup(case: str = "gpt2_local", provider: str = "lorafast", dtype: str = "float32", device: str = "cpu",
+          n_layer: int = 12, d: int = 768, numel: int = 1 << 22, law: str = "normal",
+          warm: bool = True) -> Callable[[], Any]:
+    """Build one case; the returned zero-argument callable runs it once (the tensors are reused)."""
+    from lorafast.init_laws import KaimingUniform, Normal, Uniform
+    from lorafast.ops._rerandomize import rerandomize_
+
+    dt = _DTYPES[dtype]
+    spec = _case(case, device, n_layer, d, numel, law)
+    tensors = [torch.empty(shape, dtype=dt, device=device) for shape, _ in spec]
+    if provider == "copy":
+        total = sum(t.numel() for t in tensors)
+        del tensors
+        src = torch.zeros(total, dtype=dt, device=device)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    laws = {"normal": Normal(0.0, 0.02), "kaiming": KaimingUniform(), "uniform": Uniform(-0.1, 0.1)}
+    if provider in ("lorafast", "lorafast_r7"):
+        inits = [laws[name] for _, name in spec]
+        rounds = 7 if provider == "lorafast_r7" else 10
+        state = {"step": 0}
+
+        def fill():
+            state["step"] += 1
+            rerandomize_(tensors, seed=0, step=state["step"], init=inits, rounds=rounds)
+
+        if warm:
+            fill()  # compile the kernel / build the cached metadata table outside the measured runs
+        return fill
+    if provider == "torch_init":
+        def loop():
+            with torch.no_grad():
+                for t, (_, name) in zip(tensors, spec):
+                    if name == "kaiming":
+                        torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+                    elif name == "normal":
+                        torch.nn.init.normal_(t, 0.0, 0.02)
+                    else:
+                        torch.nn.init.uniform_(t, -0.1, 0.1)
+        return loop
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _cases(device: str, quick: bool) -> list[dict]:
+    if device.startswith("cuda"):
+        out = [dict(case="gpt2_local", dtype=dt) for dt in ("float32", "bfloat16")]
+        sizes = [1 << 28] if quick else [1 << 22, 1 << 26, 1 << 28]     # 16 MiB (L2) .. 1 GiB fp32
+        out += [dict(case="large", numel=n, law=lw, dtype=dt) for n in sizes
+                for lw in ("uniform", "normal") for dt in ("float32", "bfloat16")]
+        return out
+    out = [dict(case="gpt2_local", n_layer=2, d=256, dtype="float32")]
+    out += [dict(case="large", numel=1 << 20 if quick else 1 << 22, law=lw, dtype="float32")
+            for lw in ("uniform", "normal")]
+    if not quick:
+        out.insert(1, dict(case="gpt2_local", n_layer=12, d=768, dtype="float32"))
+    return out
+
+
+def run(device: str = "cpu", quick: bool = True) -> list[dict]:
+    """Time of each provider per case, GB/s, ratio to the copy and speed-up over the init loop."""
+    cuda = device.startswith("cuda")
+    providers = ["lorafast", "lorafast_r7", "torch_init", "copy"] if cuda else ["lorafast", "torch_init", "copy"]
+    records: list[dict] = []
+    for case in _cases(device, quick):
+        spec = _case(case["case"], device, case.get("n_layer", 12), case.get("d", 768), case.get("numel", 0),
+                     case.get("law", "normal"))
+        numel = sum(math.prod(s) for s, _ in spec)
+        nbytes = numel * _DTYPES[case["dtype"]].itemsize
+        group: list[dict] = []
+        for p in providers:
+            kw = dict(case, provider=p, device=device)
+            fn = setup(**kw)
+            t = common.time_fn(fn, device)
+            moved = 2 * nbytes if p == "copy" else nbytes
+            rec = {"op": "rerandomize_", "provider": p, "mode": "fill", **case, "tensors": len(spec),
+                   "numel": numel, **t, "GB/s": moved / t["ms"] / 1e6}
+            if p == "lorafast" and (cuda or case["case"] == "gpt2_local"):
+                rec["peak_mb"] = common.peak_memory(FACTORY, kw, device) / 2**20
+            group.append(rec)
+            del fn
+        copy = next(r for r in group if r["provider"] == "copy")
+        init = next(r for r in group if r["provider"] == "torch_init")
+        for r in group:
+            if r["provider"].startswith("lorafast"):
+                r["vs_copy"] = r["GB/s"] / copy["GB/s"]
+                r["speedup_vs_init"] = init["ms"] / r["ms"]
+        records += group
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lorafast.bench.rerandomize", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--full", action="store_true", help="more sizes (CPU: adds the full GPT-2-small local set)")
+    p.add_argument("--save", default="", help="append the records to this jsonl file")
+    args = p.parse_args(argv)
+    records = run(args.device, quick=not args.full)
+    env = common.env_record(args.device)
+    common.report(records, f"rerandomize_ on {env['device']} (commit {env['commit']})")
+    if args.save:
+        common.save(records, args.save, env)
+
+
+if __name__ == "__main__":
+    main()
