@@ -76,7 +76,7 @@ _INV_2_24 = 2.0 ** -24
 # of the ~250 ops per chunk runs on the calling thread with no OpenMP barrier: on a shared, busy
 # 2-core machine a barrier per op cost up to a scheduler time slice and made the draw 10-100x
 # slower. On GPUs, large chunks (few launches).
-CHUNK_GROUPS_CPU = 1 << 12
+CHUNK_GROUPS_CPU = 7 * 1024
 CHUNK_GROUPS_GPU = 1 << 20
 BOX_MULLER_GROUPS_CPU = 1 << 10
 
@@ -134,34 +134,33 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor | int, c2: torch.Tensor | int,
     _check_rounds(rounds)
     c0 = torch.as_tensor(c0, dtype=torch.int64)
     dev, shape = c0.device, c0.shape
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=dev).expand(shape).clone()
-                      for c in (c0, c1, c2, c3))
-    a0, b0, a1, b1 = (torch.empty_like(c0) for _ in range(4))
-    k0, k1 = (int(k) & MASK32 for k in key)
+    c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=dev).expand(shape) for c in (c1, c2, c3))
+    # Both multiplications of a round run as one op on stacked rows: X = [c0; c2], Y = [c3; c1].
+    x = torch.stack([c0, c2]).reshape(2, -1)
+    y = torch.stack([c3, c1]).reshape(2, -1)
+    a, b, t = (torch.empty_like(x) for _ in range(3))
     # mulhilo(m, c) for m, c < 2^32 without int64 overflow: split m = mh * 2^16 + ml, so that
     # a = c * ml and b = c * mh are < 2^48 and m * c = b * 2^16 + a; then
     # hi = (b + (a >> 16)) >> 16 and lo = (a + ((b mod 2^16) << 16)) mod 2^32.
-    ml0, mh0, ml1, mh1 = M0 & 0xFFFF, M0 >> 16, M1 & 0xFFFF, M1 >> 16
+    ml = torch.tensor([[M0 & 0xFFFF], [M1 & 0xFFFF]], dtype=torch.int64, device=dev)
+    mh = torch.tensor([[M0 >> 16], [M1 >> 16]], dtype=torch.int64, device=dev)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    keys = []
     for r in range(rounds):
-        if r:
-            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
-        torch.mul(c0, ml0, out=a0)
-        torch.mul(c0, mh0, out=b0)
-        torch.mul(c2, ml1, out=a1)
-        torch.mul(c2, mh1, out=b1)
-        # c2 <- hi0 ^ c3 ^ k1   (old c3 still intact)
-        torch.bitwise_right_shift(a0, 16, out=c2)
-        c2.add_(b0).bitwise_right_shift_(16).bitwise_xor_(c3).bitwise_xor_(k1)
-        # c3 <- lo0
-        torch.bitwise_and(b0, 0xFFFF, out=c3)
-        c3.bitwise_left_shift_(16).add_(a0).bitwise_and_(MASK32)
-        # c0 <- hi1 ^ c1 ^ k0   (old c1 still intact)
-        torch.bitwise_right_shift(a1, 16, out=c0)
-        c0.add_(b1).bitwise_right_shift_(16).bitwise_xor_(c1).bitwise_xor_(k0)
-        # c1 <- lo1
-        torch.bitwise_and(b1, 0xFFFF, out=c1)
-        c1.bitwise_left_shift_(16).add_(a1).bitwise_and_(MASK32)
-    return c0, c1, c2, c3
+        keys.append([[k0], [k1]])
+        k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+    keys = torch.tensor(keys, dtype=torch.int64, device=dev)         # [rounds, 2, 1]
+    for r in range(rounds):
+        torch.mul(x, ml, out=a)
+        torch.mul(x, mh, out=b)
+        torch.bitwise_right_shift(a, 16, out=t)
+        t.add_(b).bitwise_right_shift_(16)                           # t = [hi0; hi1]
+        b.bitwise_and_(0xFFFF).bitwise_left_shift_(16).add_(a).bitwise_and_(MASK32)  # b = [lo0; lo1]
+        torch.bitwise_xor(t[1], y[1], out=x[0])                      # c0 <- hi1 ^ c1 (^ k0 below)
+        torch.bitwise_xor(t[0], y[0], out=x[1])                      # c2 <- hi0 ^ c3 (^ k1 below)
+        x.bitwise_xor_(keys[r])
+        y, b = b, y                                                  # [c3; c1] <- [lo0; lo1]
+    return x[0].view(shape), y[1].view(shape), x[1].view(shape), y[0].view(shape)
 
 
 def group_words(group_start: int, num_groups: int, *, key: tuple[int, int], stream: int,
