@@ -39,6 +39,7 @@ import triton.language as tl
 META_W = 8                     # int64 columns per tensor in the metadata table
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_G = 512                  # groups of 4 elements per program (2048 elements)
+BLOCK_G_INTERPRETER = 1 << 14  # CPU interpreter: few large numpy programs (values do not depend on it)
 NUM_WARPS = 4                  # 128 threads: 4 groups (16 elements) per thread
 _CACHE_SIZE = 16
 _meta_cache: OrderedDict = OrderedDict()
@@ -108,7 +109,7 @@ def _store_tile(addr, dt, local, v, mask, HAS_MASK: tl.constexpr, ALIGNED: tl.co
             tl.store(pb16 + local, h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1"])  # the key changes every step: no value specialisation
 def _rerandomize_kernel(
     # pointers: int64 table [T, META_W] then block prefix sums [T + 1]
     meta_ptr,
@@ -225,13 +226,20 @@ def _metadata(tensors, codes, shifts, scales, ids, offsets, block_g):
 
 
 def rerandomize_launch(tensors, *, k0: int, k1: int, codes, shifts, scales, ids, offsets,
-                       rounds: int = 10, block_g: int = BLOCK_G, num_warps: int = NUM_WARPS) -> None:
+                       rounds: int = 10, block_g: int | None = None, num_warps: int = NUM_WARPS) -> None:
     """Launch ``_rerandomize_kernel`` once for the whole list (inputs validated by the op).
 
     ``k0, k1``: key words in [0, 2^32); ``codes, shifts, scales``: lowered laws
     (:mod:`lorafast.init_laws`); ``ids``: stream ids in [0, 2^32); ``offsets``: global index of each
-    tensor's first element. Empty tensors are skipped.
+    tensor's first element. Empty tensors are skipped. ``block_g``: groups of 4 elements per
+    program (default BLOCK_G on GPU; for CPU tensors under the interpreter, the largest tensor's
+    group count rounded up to a power of two, at most BLOCK_G_INTERPRETER).
     """
+    if block_g is None:
+        block_g = BLOCK_G
+        if tensors[0].device.type == "cpu":   # interpreter: one numpy program per tensor, up to a cap
+            groups = max((o + t.numel() + 3) // 4 - o // 4 for t, o in zip(tensors, offsets))
+            block_g = min(BLOCK_G_INTERPRETER, max(16, triton.next_power_of_2(groups)))
     keep = [j for j, t in enumerate(tensors) if t.numel() > 0]
     if not keep:
         return
