@@ -47,7 +47,13 @@ Cross-device agreement
     that never overflows, then exact fp32 operations). Normals go through log, sqrt, cos and sin:
     sqrt is correctly rounded everywhere, but log/cos/sin come from each device's math library
     (SLEEF or libm on CPU, libdevice on CUDA, numpy under the Triton interpreter), so normals agree
-    across devices within a few fp32 ulps (|diff| <= ~4e-7 * max(1, |z|)), not bit for bit.
+    across devices within a few fp32 ulps, not bit for bit (measured: PyTorch CPU against the
+    Triton interpreter's numpy, 65536 normals: at most 4 ulps, |diff| <= 4.8e-7, 77% identical).
+    The float draws of uniform and kaiming-uniform laws and zeros are bit-exact.
+
+Speed of this path (CPU, one thread: the ops stay below ATen's parallel grain size, see
+``chunk_groups``): about 50-60 ms per million elements on a busy 2-core machine; the Triton
+kernel is the fast path.
 """
 from __future__ import annotations
 
