@@ -209,8 +209,12 @@ def test_bad_input_raises_before_writing():
     rerandomize_([], seed=0, step=0, init=[])                               # empty list: nothing to do
 
 
-def test_custom_op_registered():
-    assert hasattr(torch.ops.lorafast, "rerandomize_triton_")
+def test_custom_op_opcheck():
+    # schema (mutates its tensors), fake-tensor and AOT-dispatch registration: torch.compile can trace it
+    ts = [torch.empty(10), torch.empty(7, dtype=torch.float16)]
+    args = (ts, 5, 7, [1, 2], [0.0, 0.0], [1.0, 1.0], [0, 1], [0, 0], 10)
+    result = torch.library.opcheck(torch.ops.lorafast.rerandomize_triton_.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.cuda
