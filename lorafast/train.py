@@ -1,0 +1,302 @@
+"""Training with Local Random Initialization: an importable loop, driven by one dataclass.
+
+One step: re-initialise the local parameters (``model.reset_local_(step)``), compute the loss,
+backpropagate, clip, update. AdamW or SGD; linear warmup then cosine decay; periodic evaluation
+on the held-out split; metrics appended to ``OUT/metrics.jsonl``; checkpoints (safetensors +
+JSON) written atomically every ``checkpoint_every`` steps, at the end, and when the run is
+interrupted or crashes, so nothing is lost; ``resume=True`` continues from ``OUT``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from lorafast.config import PRESETS, ModelConfig
+from lorafast.corpus import VOCAB_SIZE, Corpus, decode, encode, load_corpus
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # run
+    steps: int = _f(250, "optimizer steps")
+    batch_size: int = _f(16, "sequences per batch")
+    seq_len: int = _f(128, "tokens per sequence")
+    # model
+    embedding_dim: int = _f(128, "token embedding width")
+    hidden_dim: int = _f(128, "Transformer width")
+    num_layers: int = _f(4, "Transformer blocks")
+    num_heads: int | None = _f(None, "attention heads (default: heads of 64, 32 or 16 dims)")
+    ffn_dim: int | None = _f(None, "MLP width (default 4 x hidden_dim)")
+    dropout: float = _f(0.0, "dropout on embeddings and residual branches")
+    preset: str = _f("ffn-alt", "which parameters are local", choices=sorted(PRESETS))
+    reference: bool = _f(False, "train the pure-PyTorch reference model instead of the accelerated one")
+    # optimisation
+    optimizer: str = _f("adamw", "optimizer", choices=["adamw", "sgd"])
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float | None = _f(None, "final learning rate of the cosine decay (default lr / 10)")
+    warmup: int = _f(25, "linear warmup steps")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices (AdamW) or L2 (SGD)")
+    momentum: float = _f(0.9, "SGD momentum")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    # evaluation, logging, checkpoints
+    eval_every: int = _f(50, "evaluate on the validation split every N steps")
+    eval_batches: int = _f(8, "validation batches per evaluation")
+    log_every: int = _f(10, "append metrics every N steps")
+    checkpoint_every: int = _f(100, "write a checkpoint every N steps (0: only at the end)")
+    # environment
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = _f("float32", "compute dtype (autocast when not float32)", choices=list(DTYPES))
+    seed: int = _f(0, "seed of the model (global init, local draws) and of the batches")
+    out: str = _f("runs/lorafast", "output folder: metrics.jsonl, checkpoint")
+    data: str | None = _f(None, "train on this UTF-8 text file instead of the built-in corpus")
+    resume: bool = _f(False, "continue the run found in --out")
+    sample_tokens: int = _f(200, "tokens generated at the end")
+    prompt: str = _f("def ", "prompt of the final sample")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or (self.min_lr is not None and self.min_lr < 0):
+            raise ValueError("lr must be > 0 and min_lr >= 0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known presets: {sorted(PRESETS)}")
+
+    def model_config(self, vocab_size: int = VOCAB_SIZE) -> ModelConfig:
+        return ModelConfig(vocab_size, self.embedding_dim, self.hidden_dim, self.num_layers,
+                           num_heads=self.num_heads, ffn_dim=self.ffn_dim, max_seq_len=self.seq_len,
+                           dropout=self.dropout, local=self.preset, seed=self.seed)
+
+
+def model_class(reference: bool) -> type:
+    """The accelerated model (``lorafast.LoRA``) unless ``reference``."""
+    if reference:
+        from lorafast.reference import LoRA
+    else:
+        from lorafast import LoRA
+    return LoRA
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return d
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Trainable parameters only: local tensors of redraw/frozen rules are buffers, not here."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _atomic(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: str, model: torch.nn.Module, step: int, train_cfg: TrainConfig | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> None:
+    """``out/model.safetensors`` (global and trained tensors) + ``out/config.json``; the local
+    tensors of redraw/frozen rules are not stored: they are regenerated from (seed, step)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(state, p))
+    if optimizer is not None:
+        _atomic(os.path.join(out, "optimizer.pt"), lambda p: torch.save(
+            {"optimizer": optimizer.state_dict(), **(extra or {})}, p))
+    meta = {"format": "lorafast-checkpoint-1", "step": step, "model": model.config.to_dict(),
+            "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None}
+
+    def write_json(p: str) -> None:
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    _atomic(os.path.join(out, "config.json"), write_json)
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu", reference: bool = False):
+    """Rebuild the model saved in folder ``path``; returns ``(model, meta)``. Local tensors are
+    redrawn for the saved step. Works across the reference and the accelerated model."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no checkpoint in {path!r} (config.json missing)")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    model = model_class(reference).from_config(ModelConfig.from_dict(meta["model"]))
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    model.to(device)
+    model.reset_local_(int(meta["step"]))
+    return model, meta
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             autocast: contextlib.AbstractContextManager) -> float:
+    was = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast:
+            total += float(model.loss(x.to(device), y.to(device)))
+    model.train(was)
+    return total / len(batches)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training loop of ``cfg``; returns a summary (losses, time, output folder)."""
+    device = resolve_device(cfg.device)
+    corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = model_class(cfg.reference).from_config(cfg.model_config()).to(device)
+    opt = make_optimizer(cfg, model)
+    start = 0
+    if cfg.resume and os.path.isfile(os.path.join(cfg.out, "config.json")):
+        from safetensors.torch import load_file
+
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            start = int(json.load(f)["step"])
+        model.load_state_dict(load_file(os.path.join(cfg.out, "model.safetensors")))
+        opt_path = os.path.join(cfg.out, "optimizer.pt")
+        if os.path.isfile(opt_path):
+            saved = torch.load(opt_path, map_location=device, weights_only=False)
+            opt.load_state_dict(saved["optimizer"])
+            if "batch_rng" in saved:
+                gen.set_state(saved["batch_rng"])
+    os.makedirs(cfg.out, exist_ok=True)
+    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    val_batches = [corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen) for _ in range(cfg.eval_batches)]
+    dtype = DTYPES[cfg.dtype]
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    n_params = sum(p.numel() for p in model.global_parameters())
+    n_local = sum(t.numel() for t in model.local_parameters())
+    print(f"lorafast: {type(model).__module__}.LoRA, {n_params:,} global + {n_local:,} local parameters "
+          f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
+          f"val bytes), device {device}, {cfg.dtype}", file=sys.stderr)
+
+    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
+    if start == 0:
+        v0 = evaluate(model, val_batches, device, autocast)
+        val_losses.append((0, v0))
+        metrics.write(json.dumps({"step": 0, "val_loss": v0}) + "\n")
+        metrics.flush()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True) if tqdm else None
+    t_start = time.perf_counter()
+    t_log, tok_log = time.perf_counter(), 0
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            model.reset_local_(step, optimizer=opt)
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = corpus.batch("train", cfg.batch_size, cfg.seq_len, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                loss = model.loss(x, y)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            tok_log += x.numel()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                lv = float(loss.detach())
+                losses.append(lv)
+                now = time.perf_counter()
+                rec: dict[str, Any] = {"step": done, "loss": lv, "lr": lr, "tokens_per_s": tok_log / (now - t_log)}
+                t_log, tok_log = now, 0
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    rec["val_loss"] = evaluate(model, val_batches, device, autocast)
+                    val_losses.append((done, rec["val_loss"]))
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "val_loss", "tokens_per_s")})
+            if bar is not None:
+                bar.update(1)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(cfg.out, model, done, cfg, opt, {"batch_rng": gen.get_state()})
+        step = cfg.steps
+    except BaseException:
+        # Nothing is lost on a crash or Ctrl-C: keep the last completed step.
+        if step > start:
+            save_checkpoint(cfg.out, model, step, cfg, opt, {"batch_rng": gen.get_state()})
+            print(f"\nlorafast: interrupted; checkpoint of step {step} written to {cfg.out}", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    elapsed = time.perf_counter() - t_start
+    save_checkpoint(cfg.out, model, cfg.steps, cfg, opt, {"batch_rng": gen.get_state()})
+    sample = ""
+    if cfg.sample_tokens:
+        model.reset_local_(cfg.steps)
+        prompt = encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
+        out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
+                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        sample = decode(out[0])
+        print(f"--- sample ---\n{sample}\n--------------")
+    summary = {"steps": cfg.steps, "seconds": elapsed, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "val_losses": val_losses, "out": cfg.out,
+               "sample": sample}
+    if val_losses:
+        print(f"lorafast: {cfg.steps - start} steps in {elapsed:.1f} s; train loss "
+              f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; val loss "
+              f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}); "
+              f"checkpoint in {cfg.out}", file=sys.stderr)
+    return summary

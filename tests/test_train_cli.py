@@ -1,0 +1,117 @@
+"""Training loop, checkpoints, corpus and the ``lorafast`` CLI (small, fast runs on CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorafast.corpus import decode, encode, load_corpus
+from lorafast.train import TrainConfig, load_checkpoint, lr_at, train
+
+TINY = dict(steps=30, batch_size=8, seq_len=32, embedding_dim=32, hidden_dim=32, num_layers=2, warmup=5,
+            eval_every=15, eval_batches=2, log_every=5, sample_tokens=8, progress=False, reference=True)
+
+
+def test_builtin_corpus():
+    c = load_corpus()
+    assert len(c.train) + len(c.val) > 1_000_000  # at least 1 MB of real text
+    assert 0.02 < len(c.val) / len(c.train) < 0.1
+    assert torch.equal(load_corpus().val, c.val)  # deterministic split
+    assert "def " in decode(c.train[:20000])
+    x, y = c.batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert decode(encode("héllo")) == "héllo"
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 55) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("preset,optimizer", [("ffn-alt", "adamw"), ("merge", "sgd")])
+def test_short_training_run_loss_falls(tmp_path, preset, optimizer):
+    lr = 3e-3 if optimizer == "adamw" else 0.3
+    cfg = TrainConfig(out=str(tmp_path), preset=preset, optimizer=optimizer, lr=lr, **TINY)
+    s = train(cfg)
+    vals = [v for _, v in s["val_losses"]]
+    assert vals[0] > 5.0  # about ln(256) at the start
+    assert vals[-1] < vals[0] - 1.0, vals
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    logged = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30]
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in logged)
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 15, 30]
+    assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "config.json")
+    model, meta = load_checkpoint(str(tmp_path), reference=True)
+    assert meta["step"] == 30 and meta["model"]["local"]["name"] == preset
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.isfinite(model(x)).all()
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    # constant learning rate after warmup, so that a 10-step run and a 20-step run share a schedule
+    tiny = {**TINY, "lr": 3e-3, "min_lr": 3e-3}
+    full = TrainConfig(out=str(tmp_path / "full"), checkpoint_every=10, **{**tiny, "steps": 20, "eval_every": 0})
+    a = train(full)
+    half = TrainConfig(out=str(tmp_path / "half"), checkpoint_every=10, **{**tiny, "steps": 10, "eval_every": 0})
+    train(half)
+    resumed = TrainConfig(out=str(tmp_path / "half"), resume=True, checkpoint_every=10,
+                          **{**tiny, "steps": 20, "eval_every": 0})
+    b = train(resumed)
+    assert b["last_loss"] == pytest.approx(a["last_loss"], rel=1e-5)
+
+
+def test_crash_keeps_a_checkpoint(tmp_path, monkeypatch):
+    import lorafast.corpus as corpus
+
+    calls = {"n": 0}
+    real = corpus.Corpus.batch
+
+    def flaky(self, split, *a, **k):
+        if split == "train":
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise KeyboardInterrupt
+        return real(self, split, *a, **k)
+
+    monkeypatch.setattr(corpus.Corpus, "batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path), **TINY))
+    meta = json.load(open(tmp_path / "config.json"))
+    assert meta["step"] == 7
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig(preset="nope")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(FileNotFoundError):
+        train(TrainConfig(data="/no/such/file.txt", **TINY))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lorafast.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+
+
+def test_cli_train_and_generate(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "run"
+    r = _cli("train", "--steps", "20", "--batch-size", "8", "--seq-len", "32", "--hidden-dim", "32",
+             "--embedding-dim", "16", "--num-layers", "1", "--eval-every", "10", "--data", str(data),
+             "--out", str(out), "--no-progress", "--sample-tokens", "5", "--preset", "branch")
+    assert r.returncode == 0, r.stderr
+    assert "sample" in r.stdout and "val loss" in r.stderr
+    g = _cli("generate", "--checkpoint", str(out), "--prompt", "the quick", "--max-new-tokens", "12")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("the quick") and len(g.stdout.encode()) >= len("the quick") + 1
+    bad = _cli("train", "--preset", "nope")
+    assert bad.returncode != 0 and "nope" in bad.stderr
+    missing = _cli("generate", "--checkpoint", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
