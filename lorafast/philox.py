@@ -54,8 +54,7 @@ Cross-device agreement
 Speed of this path (CPU, one thread: the ops stay below ATen's parallel grain size, see
 ``chunk_groups``): 100 ms (uniform) to 135 ms (normal) per million elements, and 350 ms for
 the 3.5M elements of two 768x2304 kaiming matrices and six biases, measured on a shared, busy
-2-core machine (load 3.6); the Triton
-kernel is the fast path.
+2-core machine (load 3.6); the Triton kernel is the fast path.
 """
 from __future__ import annotations
 
