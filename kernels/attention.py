@@ -509,22 +509,28 @@ class AttentionTiles:
     dq: Tile           # block_m = query tile owned by the program, block_n = streamed key tile
 
 
-# GPU tiles. NO GPU was available when these were chosen: they come from published Triton
-# tutorial 06 / FlashAttention-2 Triton configurations for Hopper (fwd BLOCK_M=128 with
-# BLOCK_N=64..128; bwd BLOCK_M1=32, BLOCK_N1=128 / BLOCK_M2=128, BLOCK_N2=32 for D=64), shrunk
-# where the AOT compile gate (python -m lorafast.compile_gate --filter attn) showed register
-# spills or shared memory over the sm_80 limit. To be re-tuned on an H200.
+# GPU tiles, keyed by (arch, BLOCK_D bucket). NO GPU was available when these were chosen:
+# they start from published configurations (Triton tutorial 06 for Hopper: fwd BLOCK_M=128,
+# BLOCK_N=64..128, 8 warps; bwd BLOCK_M1=32 / BLOCK_N1=128 and BLOCK_M2=128 / BLOCK_N2=32;
+# FlashAttention-2's hdim-128 backward uses 64 x 128 tiles with 8 warps) and keep the largest
+# candidate that the AOT compile gate (python -m lorafast.compile_gate --filter attn) shows
+# without register spills and within shared memory on that arch. E.g. fwd D=64 128x128 spills
+# nothing on sm_90 but 128x64 x 4 warps spills on sm_80; dkdv D=128 32x128 x 8 warps spills on
+# sm_80, 64x64 x 8 warps does not. They are to be re-tuned by timing on an H200.
 _GPU_TILES = {
-    # BLOCK_D <= 64
-    64: AttentionTiles(fwd=Tile(128, 64, 4, 3), preprocess=Tile(128, 0, 4, 1),
-                       dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
-    # BLOCK_D == 128 (also 80, 96, 112: padded to 128)
-    128: AttentionTiles(fwd=Tile(128, 64, 8, 3), preprocess=Tile(128, 0, 4, 1),
-                        dkdv=Tile(32, 64, 4, 2), dq=Tile(64, 32, 4, 2)),
+    (90, 64): AttentionTiles(fwd=Tile(128, 128, 8, 3), preprocess=Tile(128, 0, 4, 1),
+                             dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    (90, 128): AttentionTiles(fwd=Tile(128, 64, 8, 3), preprocess=Tile(128, 0, 4, 1),
+                              dkdv=Tile(64, 64, 8, 2), dq=Tile(128, 32, 8, 2)),
+    (80, 64): AttentionTiles(fwd=Tile(128, 64, 8, 3), preprocess=Tile(128, 0, 4, 1),
+                             dkdv=Tile(32, 128, 8, 3), dq=Tile(128, 32, 8, 3)),
+    (80, 128): AttentionTiles(fwd=Tile(128, 64, 8, 3), preprocess=Tile(128, 0, 4, 1),
+                              dkdv=Tile(64, 64, 8, 2), dq=Tile(64, 32, 4, 2)),
 }
-# fp32 inputs: the dots run on CUDA cores ("ieee") or TF32; small tiles keep registers in check.
-_GPU_TILES_FP32 = AttentionTiles(fwd=Tile(64, 32, 4, 2), preprocess=Tile(64, 0, 4, 1),
-                                 dkdv=Tile(32, 64, 4, 1), dq=Tile(64, 32, 4, 1))
+# fp32 inputs: exact fp32 dots on CUDA cores ("ieee", as torch's default matmul precision);
+# the FMA dots need many registers, so small tiles and 8 warps (gate: no spills at D=128).
+_GPU_TILES_FP32 = AttentionTiles(fwd=Tile(32, 16, 8, 1), preprocess=Tile(64, 0, 4, 1),
+                                 dkdv=Tile(16, 32, 8, 1), dq=Tile(32, 16, 8, 1))
 # Interpreter (CPU tests): small tiles so that T in the tens exercises the unmasked loop, the
 # diagonal and the ragged tail; the interpreter ignores warps and stages.
 _INTERPRET_TILES = AttentionTiles(fwd=Tile(32, 16, 1, 1), preprocess=Tile(32, 0, 1, 1),
@@ -539,25 +545,28 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def pick_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionTiles:
-    """The tiles the launchers use for this head dim / dtype / device."""
+def pick_tiles(head_dim: int, dtype: torch.dtype, device: torch.device,
+               arch: int | None = None) -> AttentionTiles:
+    """The tiles the launchers use for this head dim / dtype / device (arch: 90 or 80 bucket;
+    read from the device when None)."""
     if device.type != "cuda":
         return _INTERPRET_TILES
     if dtype == torch.float32:
         return _GPU_TILES_FP32
-    return _GPU_TILES[64 if block_d(head_dim) <= 64 else 128]
+    if arch is None:
+        arch = 10 * torch.cuda.get_device_capability(device)[0]
+    return _GPU_TILES[(90 if arch >= 90 else 80, 64 if block_d(head_dim) <= 64 else 128)]
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
     """(input_precision, upcast-before-dot) for this dtype.
 
-    fp32 follows torch: "ieee" unless torch.backends.cuda.matmul allows TF32. bf16 under the
+    fp32 runs exact fp32 dots ("ieee"; a correctness path, not a fast one). bf16 under the
     interpreter is upcast to fp32 before tl.dot (the interpreter's bf16 dot is broken in
     triton 3.9); on GPU bf16/fp16 feed the tensor cores directly.
     """
     if dtype == torch.float32:
-        prec = "tf32" if (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-        return prec, False
+        return "ieee", False
     return "tf32", (dtype == torch.bfloat16 and device.type != "cuda")
 
 
@@ -656,45 +665,55 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
 
 
 def compile_configs():
-    """Every GPU configuration the launchers can pick, in representative dtype/flag combinations.
+    """Every GPU tile configuration the launchers can pick, over representative dtype/flag cases.
 
-    The layout assumed is the model's: q/k/v views of a fused qkv projection (unit stride over
-    D, other strides divisible by 16), output and gradients in [B, T, H, D] memory.
+    Each (kernel, tiles) is listed once per arch that picks it (sm_90 and sm_80 tiles differ in
+    places). The layout assumed is the model's: q/k/v views of a fused qkv projection (unit
+    stride over D, which Triton specialises to a constant; other strides divisible by 16),
+    output and gradients in [B, T, H, D] memory.
     """
     from lorafast.compile_gate import KernelConfig
 
     out = []
 
-    def add(name, fn, dtype, constexprs, tile, needs_mma):
+    def add(name, fn, dtype, constexprs, tile, needs_mma, archs):
         sig = _signature(fn, dtype, constexprs)
-        aligned = tuple(n for n in fn.arg_names
-                        if n.endswith("_ptr") or (n.startswith("stride_") and not n.endswith("d")))
-        # unit stride over D is specialised by Triton at launch (value 1): model it as a constexpr
         cx = dict(constexprs)
         for n in fn.arg_names:
-            if n.startswith("stride_") and n.endswith("d"):
+            if n.startswith("stride_") and n.endswith("d"):  # unit stride: specialised at launch
                 sig[n] = "constexpr"
                 cx[n] = 1
+        aligned = tuple(n for n in fn.arg_names if sig[n] != "constexpr"
+                        and (n.endswith("_ptr") or n.startswith("stride_")))
         out.append(KernelConfig(name=name, fn=fn, signature=sig, constexprs=cx,
                                 num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                aligned=aligned, needs_mma=needs_mma))
+                                aligned=aligned, needs_mma=needs_mma, archs=archs))
 
-    cases = [(128, torch.bfloat16, True), (128, torch.float16, False), (64, torch.bfloat16, True),
-             (80, torch.float16, True)]
+    kernels = (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel))
+    # (D, dtype, causal): both head-dim buckets, a padded head dim, both 16-bit dtypes, both flags
+    cases = [(128, torch.bfloat16, True), (64, torch.bfloat16, True), (80, torch.float16, False)]
     for D, dtype, causal in cases:
-        tiles = pick_tiles(D, dtype, torch.device("cuda"))
         dt = _TL_DTYPE[dtype]
         tag = f"d{D}_{dt}_{'causal' if causal else 'full'}"
         base = dict(HEAD_DIM=D, BLOCK_D=block_d(D), IS_CAUSAL=causal, DOT_PREC="tf32", DOT_F32=False)
-        add(f"attn_fwd_{tag}", _attn_fwd_kernel, dt,
-            dict(base, BLOCK_M=tiles.fwd.block_m, BLOCK_N=tiles.fwd.block_n), tiles.fwd, True)
-        add(f"attn_bwd_dkdv_{tag}", _attn_bwd_dkdv_kernel, dt,
-            dict(base, BLOCK_M=tiles.dkdv.block_m, BLOCK_N=tiles.dkdv.block_n), tiles.dkdv, True)
-        add(f"attn_bwd_dq_{tag}", _attn_bwd_dq_kernel, dt,
-            dict(base, BLOCK_M=tiles.dq.block_m, BLOCK_N=tiles.dq.block_n), tiles.dq, True)
-    for D in (64, 128):
-        tiles = pick_tiles(D, torch.bfloat16, torch.device("cuda"))
-        add(f"attn_bwd_pre_d{D}_bf16", _attn_bwd_preprocess_kernel, "bf16",
-            dict(HEAD_DIM=D, BLOCK_M=tiles.preprocess.block_m, BLOCK_D=block_d(D)),
-            tiles.preprocess, False)
+        for kind, fn in kernels:
+            per_arch = {a: getattr(pick_tiles(D, dtype, torch.device("cuda"), arch=a), kind)
+                        for a in (90, 80)}
+            groups = {}
+            for a, t in per_arch.items():
+                groups.setdefault(t, []).append(a)
+            for t, archs in groups.items():
+                suffix = "" if len(groups) == 1 else f"_sm{archs[0]}"
+                add(f"attn_{kind}_{tag}{suffix}", fn, dt,
+                    dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t, True, tuple(archs))
+    t = pick_tiles(128, torch.bfloat16, torch.device("cuda"), arch=90).preprocess
+    add("attn_bwd_pre_d128_bf16", _attn_bwd_preprocess_kernel, "bf16",
+        dict(HEAD_DIM=128, BLOCK_M=t.block_m, BLOCK_D=128), t, False, (90, 80))
+    # fp32 inputs: exact FMA dots, no tensor cores by design (needs_mma=False)
+    t32 = _GPU_TILES_FP32
+    base = dict(HEAD_DIM=128, BLOCK_D=128, IS_CAUSAL=True, DOT_PREC="ieee", DOT_F32=False)
+    for kind, fn in kernels:
+        t = getattr(t32, kind)
+        add(f"attn_{kind}_d128_fp32_causal", fn, "fp32",
+            dict(base, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t, False, (90, 80))
     return out

@@ -134,12 +134,13 @@ def test_bf16_upcast_path():
     _check_case(1, 1, 40, 48, True, torch.bfloat16, "qkv")
 
 
-@pytest.mark.parametrize("D", [64, 80])
-def test_gpu_tiles_under_interpreter(D):
-    """The tiles shipped for the GPU (BLOCK 64/128, nested causal split) on the same math."""
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (80, torch.float16), (128, torch.float32)])
+def test_gpu_tiles_under_interpreter(D, dtype, arch):
+    """The tiles shipped for the GPU (BLOCK 16..128, nested causal split) on the same math."""
     from lorafast.kernels.attention import pick_tiles
 
-    tiles = pick_tiles(D, torch.float16, torch.device("cuda"))
+    tiles = pick_tiles(D, dtype, torch.device("cuda"), arch=arch)
     _check_case(1, 1, 200, D, True, torch.float32, "qkv", tiles=tiles)
 
 
