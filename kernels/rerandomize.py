@@ -17,8 +17,9 @@ Design
     * Device: a flat 1-D grid over the blocks of all tensors; a program finds its tensor by binary
       search in the prefix sums, runs Philox on BLOCK_G consecutive groups of 4 elements, maps
       words to floats by the tensor's law (program-uniform branch), casts to the tensor's dtype
-      (program-uniform branch) and stores a [BLOCK_G, 4] tile: 4 contiguous elements per group, so
-      stores vectorise when the tensor is 16-byte aligned (ALIGNED, with unmasked interior blocks).
+      (program-uniform branch) and stores a [BLOCK_G, 4] tile: 4 contiguous elements per group and
+      per thread, so stores vectorise (st.global.v4 fp32, v2 fp16/bf16, no shared memory) when every
+      tensor is 16-byte aligned with offset % 4 == 0 (ALIGNED, unmasked interior blocks).
     * The launcher passes ``enable_fp_fusion=False``: ``scale * base + shift`` must round twice, as
       in PyTorch, not once in an FMA, for uniform floats to be bit-exact.
 
@@ -40,7 +41,7 @@ META_W = 8                     # int64 columns per tensor in the metadata table
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_G = 512                  # groups of 4 elements per program (2048 elements)
 BLOCK_G_INTERPRETER = 1 << 14  # CPU interpreter: few large numpy programs (values do not depend on it)
-NUM_WARPS = 4                  # 128 threads: 4 groups (16 elements) per thread
+NUM_WARPS = 8                  # 256 threads: 2 groups (8 elements) per thread
 _CACHE_SIZE = 16
 _meta_cache: OrderedDict = OrderedDict()
 
@@ -153,20 +154,22 @@ def _rerandomize_kernel(
     scale = tl.load(row + 7).to(tl.int32).to(tl.float32, bitcast=True)
     b = pid - tl.load(bs_ptr + lo)                       # block index inside the tensor (int64)
 
-    # local element indices of this block: 4 * (off//4 + b*BLOCK_G) + j - off = 4*b*BLOCK_G + j - off % 4
+    # local element index of row r, column j: 4 * (off//4 + b*BLOCK_G + r) + j - off
+    #                                        = 4*b*BLOCK_G + 4*r + j - off % 4
+    col = tl.arange(0, 4)[None, :]
     if ALIGNED:
-        local = b * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)
+        local = b * (4 * BLOCK_G) + 4 * tl.arange(0, BLOCK_G)[:, None] + col
     else:
-        local = b * (4 * BLOCK_G) - (off % 4) + tl.arange(0, 4 * BLOCK_G)
+        local = b * (4 * BLOCK_G) - (off % 4) + 4 * tl.arange(0, BLOCK_G)[:, None] + col
 
     if code == 0:
-        v = tl.zeros([4 * BLOCK_G], dtype=tl.float32)
+        v = tl.zeros([BLOCK_G, 4], dtype=tl.float32)
     else:
-        g = off // 4 + b * BLOCK_G + tl.arange(0, BLOCK_G)   # global group indices, < 2^60
+        g = off // 4 + b * BLOCK_G + tl.arange(0, BLOCK_G)[:, None]   # global group indices, < 2^60
         c0 = g.to(tl.uint32)                                 # low 32 bits (truncation)
         c1 = (g >> 32).to(tl.uint32)
-        c2 = tl.zeros([BLOCK_G], dtype=tl.uint32) + stream
-        c3 = tl.zeros([BLOCK_G], dtype=tl.uint32)
+        c2 = tl.zeros([BLOCK_G, 1], dtype=tl.uint32) + stream
+        c3 = tl.zeros([BLOCK_G, 1], dtype=tl.uint32)
         w0, w1, w2, w3 = _philox4x32(c0, c1, c2, c3, k0.to(tl.uint32, bitcast=True),
                                      k1.to(tl.uint32, bitcast=True), ROUNDS)
         if code == 2:
@@ -177,8 +180,9 @@ def _rerandomize_kernel(
             x1 = _to_uniform(w1)
             x2 = _to_uniform(w2)
             x3 = _to_uniform(w3)
-        # [x0_0, x1_0, x2_0, x3_0, x0_1, ...]: element 4g + j takes x_j (4 contiguous per thread)
-        base = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+        # [BLOCK_G, 4] tile: element 4g + j (row g, column j) takes x_j; built in registers (each
+        # thread holds whole rows), so aligned blocks store 4 contiguous elements per thread
+        base = tl.where(col == 0, x0, tl.where(col == 1, x1, tl.where(col == 2, x2, x3)))
         v = base * scale + shift                             # two roundings (no FP fusion at launch)
 
     if ALIGNED:
@@ -254,7 +258,9 @@ def rerandomize_launch(tensors, *, k0: int, k1: int, codes, shifts, scales, ids,
 
 def compile_configs():
     """The shipped configurations: Philox rounds 10 (default) and 7, aligned and unaligned lists,
-    BLOCK_G=512 groups with 4 warps (one config per arch; not tuned on hardware — no GPU here)."""
+    BLOCK_G=512 groups with 8 warps. Chosen from the compile gate, not timed (no GPU here): 2 groups
+    per thread needs 40-45 registers (aligned) / 63 (unaligned) and no stack on sm_90 and sm_80,
+    while 4 groups per thread (4 warps) took 64 registers plus an 8-byte stack frame on sm_90."""
     from lorafast.compile_gate import KernelConfig
 
     sig = {"meta_ptr": "*i64", "T": "i32", "k0": "i32", "k1": "i32", "BLOCK_G": "constexpr",
