@@ -4,7 +4,8 @@ Local Random Initialization redraws the local parameters at every step. Their va
 only on (seed, step, tensor, element) — not on the device, the launch grid, the block size or how
 a tensor is sharded — so that the reference model (this file, run on any device) and the Triton
 kernel ``lorafast.kernels.rerandomize`` produce the same numbers. This module defines them; it
-imports no triton.
+imports no triton (integer Philox: numpy uint64 for CPU tensors, ATen int64 ops elsewhere —
+two exact implementations of one function, tested equal).
 
 Generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11; Random123)
     Philox4x32-R: 4 x 32-bit counter, 2 x 32-bit key, R rounds (default 10, 7 allowed). One round::
@@ -51,20 +52,21 @@ Cross-device agreement
     Triton interpreter's numpy, 65536 normals: at most 4 ulps, |diff| <= 4.8e-7, 77% identical).
     The float draws of uniform and kaiming-uniform laws and zeros are bit-exact.
 
-Speed of this path (CPU, one thread: the ops stay below ATen's parallel grain size, see
-``chunk_groups``): 100 ms (uniform) to 135 ms (normal) per million elements, and 350 ms for
-the 3.5M elements of two 768x2304 kaiming matrices and six biases, measured on a shared, busy
-2-core machine (load 3.6); the Triton kernel is the fast path.
+Speed of this path (CPU: integer Philox in numpy uint64, float maps in ATen ops kept below its
+parallel grain size, see ``chunk_groups``): about 40-65 ms per million elements (uniform to
+normal), 240 ms for the 3.5M elements of two 768x2304 kaiming matrices and six biases, measured
+on a shared, busy 2-core machine. The Triton kernel is the fast path.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = [
     "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32", "chunk_groups",
-    "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "group_words",
+    "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "philox4x32_numpy", "philox4x32_torch", "group_words",
     "element_words", "words_to_uniform", "words_to_normal", "uniform", "normal",
 ]
 
@@ -134,11 +136,58 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor | int, c2: torch.Tensor | int,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-``rounds`` on int64 tensors holding uint32 values (scalars broadcast).
 
-    Returns the four output words as int64 tensors in [0, 2^32). Only exact integer operations
-    that never overflow int64 are used, so the result is identical on every device. The inputs
-    are not modified.
+    Returns the four output words as int64 tensors in [0, 2^32) on ``c0``'s device; the inputs are
+    not modified. CPU tensors go through :func:`philox4x32_numpy` (unsigned 64-bit products, about
+    8x faster than ATen int64 ops), other devices through :func:`philox4x32_torch`; both are exact
+    integer arithmetic and give identical words (tested).
+    """
+    c0 = torch.as_tensor(c0, dtype=torch.int64)
+    if c0.device.type != "cpu":
+        return philox4x32_torch(c0, c1, c2, c3, key, rounds)
+    shape = c0.shape
+    arrs = [torch.as_tensor(c, dtype=torch.int64).expand(shape).contiguous().numpy().view(np.uint64)
+            for c in (c0, c1, c2, c3)]
+    out = philox4x32_numpy(*arrs, key=key, rounds=rounds)
+    return tuple(torch.from_numpy(w.view(np.int64)).view(shape) for w in out)
+
+
+_NP_M0, _NP_M1 = np.uint64(M0), np.uint64(M1)
+_NP_32, _NP_MASK32 = np.uint64(32), np.uint64(MASK32)
+
+
+def philox4x32_numpy(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray,
+                     key: tuple[int, int], rounds: int = DEFAULT_ROUNDS) -> tuple[np.ndarray, ...]:
+    """Philox4x32-``rounds`` on uint64 arrays holding uint32 values (the CPU path; inputs kept).
+
+    With unsigned 64-bit arithmetic the product of two 32-bit words is exact, so
+    mulhilo(m, c) = (m * c >> 32, m * c & (2^32 - 1)) directly.
     """
     _check_rounds(rounds)
+    c0, c1, c2, c3 = (np.array(c, dtype=np.uint64) for c in (c0, c1, c2, c3))   # copies
+    p0, p1 = np.empty_like(c0), np.empty_like(c0)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        np.multiply(c0, _NP_M0, out=p0)                   # c0 * M0 = hi0 * 2^32 + lo0
+        np.multiply(c2, _NP_M1, out=p1)                   # c2 * M1 = hi1 * 2^32 + lo1
+        np.right_shift(p1, _NP_32, out=c0)
+        c0 ^= c1
+        c0 ^= np.uint64(k0)                               # c0 <- hi1 ^ c1 ^ k0
+        np.right_shift(p0, _NP_32, out=c2)
+        c2 ^= c3
+        c2 ^= np.uint64(k1)                               # c2 <- hi0 ^ c3 ^ k1
+        np.bitwise_and(p1, _NP_MASK32, out=c1)            # c1 <- lo1
+        np.bitwise_and(p0, _NP_MASK32, out=c3)            # c3 <- lo0
+    return c0, c1, c2, c3
+
+
+def philox4x32_torch(c0: torch.Tensor, c1: torch.Tensor | int, c2: torch.Tensor | int,
+                     c3: torch.Tensor | int, key: tuple[int, int], rounds: int = DEFAULT_ROUNDS,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-``rounds`` in ATen int64 ops that never overflow (any device; the GPU path)."""
+    _check_rounds(rounds)
+    c0 = torch.as_tensor(c0, dtype=torch.int64)
     c0 = torch.as_tensor(c0, dtype=torch.int64)
     dev, shape = c0.device, c0.shape
     c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=dev).expand(shape) for c in (c1, c2, c3))

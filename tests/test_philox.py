@@ -30,17 +30,19 @@ def test_known_answer_vectors(rounds, ctr, key, want):
     assert philox.philox4x32_int(ctr, key, rounds) == want
     # tensor path: the KAT counter in every lane of a batch, and as broadcast scalars
     c = [torch.full((5,), v, dtype=torch.int64) for v in ctr]
-    for words in (philox.philox4x32(*c, key, rounds), philox.philox4x32(c[0], *ctr[1:], key, rounds)):
+    for words in (philox.philox4x32(*c, key, rounds), philox.philox4x32(c[0], *ctr[1:], key, rounds),
+                  philox.philox4x32_torch(*c, key, rounds)):
         got = tuple(int(w[i]) for w in words for i in (0,))
         assert got == want, [hex(x) for x in got]
         assert all(bool((w == w[0]).all()) for w in words)
 
 
-def test_tensor_path_matches_integer_path():
+def test_numpy_and_torch_paths_match_integer_path():
     gen = torch.Generator().manual_seed(1)
     ctr = torch.randint(0, 1 << 32, (4, 64), generator=gen, dtype=torch.int64)
     key = (0x1234ABCD, 0xFEDCBA98)
-    words = philox.philox4x32(*ctr, key)
+    words = philox.philox4x32(*ctr, key)                 # CPU: the numpy path
+    assert all(torch.equal(a, b) for a, b in zip(words, philox.philox4x32_torch(*ctr, key)))
     for j in range(64):
         want = philox.philox4x32_int(tuple(int(c[j]) for c in ctr), key)
         assert tuple(int(w[j]) for w in words) == want
