@@ -1,4 +1,4 @@
-"""Counter-based Philox4x32 random numbers in pure PyTorch: THE spec of lorafast's redraws.
+"""Counter-based Philox4x32 random numbers in PyTorch (and numpy): THE spec of lorafast's redraws.
 
 Local Random Initialization redraws the local parameters at every step. Their values must depend
 only on (seed, step, tensor, element) — not on the device, the launch grid, the block size or how
