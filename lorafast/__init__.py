@@ -1,10 +1,11 @@
 """lorafast: a Transformer LM trained with Local Random Initialization, on fused Triton kernels.
 
 "LoRA" here is *Local Random Initialization* (some parameters are randomly re-initialised at
-every batch), not low-rank adaptation.
+every batch), not low-rank adaptation. ``lorafast.LoRA`` is the accelerated model, a drop-in for
+the pure-PyTorch reference ``lorafast.reference.LoRA``.
 """
-from lorafast.config import LocalConfig, LocalRule, ModelConfig, PRESETS
-from lorafast.reference import LoRA  # replaced by the accelerated model once it lands
+from lorafast.config import PRESETS, LocalConfig, LocalRule, ModelConfig
+from lorafast.model import LoRA, accelerate
 
 __version__ = "0.1.0"
-__all__ = ["LoRA", "LocalConfig", "LocalRule", "ModelConfig", "PRESETS"]
+__all__ = ["LoRA", "accelerate", "LocalConfig", "LocalRule", "ModelConfig", "PRESETS"]
