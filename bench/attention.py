@@ -13,6 +13,10 @@ forward, halved when causal; backward 2.5x the forward; fwd_bwd 3.5x (the conven
 flash-attention's and Triton's benchmarks). Peak memory: ``common.peak_memory`` (CUDA allocator
 above the inputs; CPU: RSS growth of a fresh subprocess).
 ``python -m lorafast.bench.attention [--full] [--device cuda] [--save FILE]``.
+
+``--tune`` (CUDA) times each kernel of ``lorafast.kernels.attention`` over candidate tiles
+(launchers driven directly, other kernels at their shipped tiles) and prints the fastest per
+kernel, to re-tune ``_GPU_TILES``; candidates must then still pass the compile gate.
 """
 from __future__ import annotations
 
@@ -159,15 +163,79 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     return records
 
 
+def _tile_candidates(kind: str) -> list:
+    from lorafast.kernels.attention import Tile
+
+    out = []
+    for bm in (32, 64, 128):
+        for bn in (32, 64, 128):
+            if kind in ("fwd", "dq") and bm % bn:
+                continue
+            if kind == "dkdv" and bn % bm:
+                continue
+            for w in (4, 8):
+                for st in (2, 3):
+                    out.append(Tile(bm, bn, w, st))
+    return out
+
+
+def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 128,
+         causal: bool = True, dtype: str = "bfloat16") -> list[dict]:
+    """Time every candidate tile of each kernel on one shape; one record per (kernel, tile)."""
+    import dataclasses
+
+    from lorafast.kernels import attention as ka
+
+    dt = _DTYPES[dtype]
+    qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dt)
+    q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    do = torch.randn(B, T, H, D, device=device, dtype=dt).transpose(1, 2)
+    out = torch.empty_like(do)
+    lse = torch.empty(B, H, T, device=device, dtype=torch.float32)
+    grads = [torch.empty_like(do) for _ in range(3)]
+    scale = D ** -0.5
+    shipped = ka.pick_tiles(D, dt, torch.device(device))
+    ka.attention_forward(q, k, v, out, lse, causal=causal, scale=scale, tiles=shipped)
+    records = []
+    for kind in ("fwd", "dkdv", "dq"):
+        for tile in _tile_candidates(kind):
+            tiles = dataclasses.replace(shipped, **{kind: tile})
+            if kind == "fwd":
+                fn = lambda: ka.attention_forward(q, k, v, out, lse, causal=causal, scale=scale,  # noqa: E731
+                                                  tiles=tiles)
+            else:
+                dq, dk, dv = (grads[0], None, None) if kind == "dq" else (None, grads[1], grads[2])
+                fn = lambda: ka.attention_backward(do, q, k, v, out, lse, dq, dk, dv,  # noqa: E731
+                                                   causal=causal, scale=scale, tiles=tiles)
+            rec = {"kernel": kind, "tile": f"{tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}",
+                   "shipped": tile == getattr(shipped, kind)}
+            try:
+                rec.update(common.time_fn(fn, device))
+            except Exception as e:  # noqa: BLE001 - out of shared memory / registers: skip
+                rec["error"] = type(e).__name__
+            records.append(rec)
+        ok = [r for r in records if r["kernel"] == kind and "ms" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            best["best"] = True
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lorafast.bench.attention", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--full", action="store_true", help="all sequence lengths and head dims")
     p.add_argument("--save", default="", help="append the records to this jsonl file")
+    p.add_argument("--tune", action="store_true", help="time candidate tiles per kernel (CUDA)")
+    p.add_argument("--D", type=int, default=128, help="head dim for --tune")
     args = p.parse_args(argv)
-    records = run(args.device, quick=not args.full)
     env = common.env_record(args.device)
-    common.report(records, f"attention on {env['device']} (commit {env['commit']})")
+    if args.tune:
+        records = tune(args.device, D=args.D)
+        common.report(records, f"attention tiles on {env['device']} (commit {env['commit']})")
+    else:
+        records = run(args.device, quick=not args.full)
+        common.report(records, f"attention on {env['device']} (commit {env['commit']})")
     if args.save:
         common.save(records, args.save, env)
 
