@@ -30,7 +30,10 @@ Tile configs (no GPU was available when they were chosen): BLOCK_N = BLOCK_V = 1
 BLOCK_D = 64 with 8 warps follow CCE's autotune space (``tl_autotune.py``: 128/256 × 128/256 ×
 32/64, 4-8 warps) and Triton tutorial 03's best fp16 config for Hopper (128×128×64, 3-4 stages);
 num_stages was lowered until every config fit shared memory without spills on sm_80 and sm_90
-(``python -m lorafast.compile_gate --filter linear_ce``). To re-tune on H200: sweep BLOCK_V in
+(``python -m lorafast.compile_gate --filter linear_ce``): 3 for the LSE and write kernels, 2
+for the backward (its two extra dots). fp32 inputs use exact "ieee" dots on CUDA cores with
+64x64x32 tiles (backward 32x32x32, the largest without spills): a correctness path, not a
+fast one (train in bf16). To re-tune on H200: sweep BLOCK_V in
 {128, 256}, BLOCK_D in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4} with
 ``python -m lorafast.bench.linear_ce`` and replace the entries of ``_CONFIGS``.
 """
@@ -354,10 +357,13 @@ def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # Compile gate
 # ----------------------------------------------------------------------------------------------
 def compile_configs():
-    """Every half-precision configuration the launchers ship (fp16/bf16 × bias/no bias × flags).
+    """The configurations the launchers ship on CUDA: every kernel × tile config × flag path.
 
-    fp32 inputs run "ieee" dots (no tensor cores by design, for accuracy), listed with
-    needs_mma=False so the gate still checks their registers and shared memory.
+    12 entries: LSE (with / without target), backward and softmax write (prob / log), each for
+    bf16 with and without bias and fp16 with bias (half tiles, needs_mma), plus the fp32 tiles.
+    fp32 inputs run "ieee" dots on CUDA cores by design (TF32 would lose the fp32 accuracy;
+    "tf32x3" spilled on sm_80 at 64x64), listed with needs_mma=False so the gate still checks
+    their registers and shared memory.
     """
     from lorafast.compile_gate import KernelConfig
 
@@ -367,7 +373,8 @@ def compile_configs():
         t = T[dt]
         mma = dt != torch.float32
         prec = _precision(dt)
-        biases = (True, False) if dt == torch.float16 else ((True,) if dt == torch.float32 else (True, False))
+        # bias / no bias on bf16; fp16 (same code, other element type) and fp32 with bias only
+        biases = (True, False) if dt == torch.bfloat16 else (True,)
         for has_bias in biases:
             sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
             c = _CONFIGS[("lse", "fp32" if dt == torch.float32 else "half")]
@@ -400,7 +407,7 @@ def compile_configs():
                                     constexprs=ce, num_warps=c.num_warps, num_stages=c.num_stages,
                                     aligned=aligned, needs_mma=mma))
         if dt == torch.float16:
-            continue
+            continue  # the write kernel's fp16 build differs from bf16 only in element type
         c = _CONFIGS[("write", "fp32" if dt == torch.float32 else "half")]
         sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "lse_ptr": "*fp32", "out_ptr": f"*{t}",
                "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64", "stride_wd": "constexpr",

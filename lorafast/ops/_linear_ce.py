@@ -28,8 +28,12 @@ from ._dispatch import resolve_impl
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# PyTorch path: logits held per chunk (fp32 elements); 2**22 = 16 MiB.
-_CHUNK_ELEMS = 1 << 22
+# PyTorch path: logits held per chunk (fp32 elements). CPU: 2**20 = 4 MiB, so that the
+# elementwise passes over a chunk stay in cache (measured on a 2-core Xeon at N=4096, V=32768,
+# D=128: 2**20 took 0.64x the time of 2**22 and beat eager F.linear + F.cross_entropy).
+# CUDA (the fallback path there): 2**24 = 64 MiB, fewer launches.
+_CHUNK_ELEMS = 1 << 20
+_CHUNK_ELEMS_CUDA = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,22 +106,57 @@ def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
 # ----------------------------------------------------------------------------------------------
 # PyTorch path: row chunks, logits recomputed in the backward
 # ----------------------------------------------------------------------------------------------
-def _chunk_rows(V: int) -> int:
-    return max(1, _CHUNK_ELEMS // V)
+def _chunk_rows(V: int, device: torch.device) -> int:
+    return max(1, (_CHUNK_ELEMS_CUDA if device.type == "cuda" else _CHUNK_ELEMS) // V)
+
+
+def _logits_into(buf: torch.Tensor, hc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """buf[:r] = hc @ w.T (+ b) in fp32, reusing one chunk buffer (no allocation per chunk)."""
+    z = buf[:hc.shape[0]]
+    if b is None:
+        return torch.mm(hc, w.t(), out=z)
+    return torch.addmm(b, hc, w.t(), out=z)
+
+
+class _Augmented:
+    """Fold per-column and per-row offsets into one GEMM: [h, 1, c] @ [W, b, 1].T = h W^T + b + c.
+
+    Saves the elementwise passes over the [r, V] chunk that adding the bias (and, in the
+    backward, subtracting the LSE) would cost; those passes dominate the chunked CPU path.
+    """
+
+    def __init__(self, weight, bias, row_offset: bool, rows: int):
+        V, D = weight.shape
+        cols = [weight.float()] + ([bias.float()[:, None]] if bias is not None else [])
+        if row_offset:
+            cols.append(torch.ones((V, 1), dtype=torch.float32, device=weight.device))
+        self.D = D
+        self.w = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]  # [V, D + extra]
+        self.h = torch.ones((rows, self.w.shape[1]), dtype=torch.float32, device=weight.device)
+        self.row_offset = row_offset
+
+    def logits(self, out: torch.Tensor, hc: torch.Tensor, offset: Optional[torch.Tensor] = None):
+        """out[:r] = hc W^T + b (+ offset[:, None]) in fp32."""
+        ha = self.h[:hc.shape[0]]
+        ha[:, :self.D] = hc
+        if self.row_offset:
+            ha[:, -1] = offset
+        return torch.mm(ha, self.w.t(), out=out[:hc.shape[0]])
 
 
 def _torch_lse(h, weight, bias, targets, scale: float = 1.0):
     """fp32 (lse [N], target logit [N] | None), chunk by chunk; targets already made safe."""
     N = h.shape[0]
-    w = weight.float()
-    b = bias.float() if bias is not None else None
+    V = weight.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     zt = torch.empty(N, dtype=torch.float32, device=h.device) if targets is not None else None
-    r = _chunk_rows(weight.shape[0])
+    r = min(_chunk_rows(V, h.device), N)
+    aug = _Augmented(weight, bias, False, r)
+    buf = torch.empty((r, V), dtype=torch.float32, device=h.device)
     for i in range(0, N, r):
-        z = F.linear(h[i:i + r].float(), w, b)  # [r, V] fp32
+        z = aug.logits(buf, h[i:i + r])  # [r, V] fp32
         if targets is not None:
-            zt[i:i + r] = z.gather(1, targets[i:i + r, None])[:, 0]
+            torch.gather(z, 1, targets[i:i + r, None], out=zt[i:i + r, None])
         if scale != 1.0:
             z.mul_(scale)
         # log-sum-exp in place on the chunk (no [r, V] temporaries)
@@ -130,24 +169,26 @@ def _torch_ce_backward(h, weight, bias, targets, lse, g, need_dh, need_dw, need_
     N, D = h.shape
     V = weight.shape[0]
     w = weight.float()
-    b = bias.float() if bias is not None else None
     dh = torch.empty((N, D), dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.zeros((V, D), dtype=torch.float32, device=h.device) if need_dw else None
     db = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_db else None
-    r = _chunk_rows(V)
+    r = min(_chunk_rows(V, h.device), N)
+    aug = _Augmented(weight, bias, True, r)
+    buf = torch.empty((r, V), dtype=torch.float32, device=h.device)
+    minus_one = torch.full((r, 1), -1.0, dtype=torch.float32, device=h.device)
     for i in range(0, N, r):
         hc = h[i:i + r].float()
-        z = F.linear(hc, w, b)
-        # dz = (softmax(z) - onehot(y)) * g, in place on the recomputed chunk
-        dz = z.sub_(lse[i:i + r, None]).exp_()
-        dz.scatter_add_(1, targets[i:i + r, None], torch.full_like(lse[i:i + r, None], -1.0))
-        dz.mul_(g[i:i + r, None])
+        gc = g[i:i + r]
+        # P - Y with P = exp(z - lse) recomputed in one GEMM (the -lse folded in) and one exp
+        dz = aug.logits(buf, hc, -lse[i:i + r]).exp_()
+        dz.scatter_add_(1, targets[i:i + r, None], minus_one[:dz.shape[0]])
+        # the row weights g go on the small side of each product: diag(g) (P - Y) never formed
         if need_dh:
-            torch.mm(dz, w, out=dh[i:i + r])
+            torch.mm(dz, w, out=dh[i:i + r]).mul_(gc[:, None])
         if need_dw:
-            dw.addmm_(dz.t(), hc)
+            dw.addmm_(dz.t(), hc * gc[:, None])
         if need_db:
-            db.add_(dz.sum(0))
+            db.addmv_(dz.t(), gc)
     return dh, dw, db
 
 
@@ -157,9 +198,11 @@ def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
     w = weight.float()
     b = bias.float() if bias is not None else None
     out = torch.empty((N, V), dtype=h.dtype, device=h.device)
-    r = _chunk_rows(V)
+    r = _chunk_rows(V, h.device)
+    # fp32 output: compute in place in the output; otherwise in one reused fp32 chunk buffer
+    buf = None if h.dtype == torch.float32 else torch.empty((min(r, N), V), dtype=torch.float32, device=h.device)
     for i in range(0, N, r):
-        z = F.linear(h[i:i + r].float(), w, b)
+        z = _logits_into(out[i:i + r] if buf is None else buf, h[i:i + r].float(), w, b)
         if scale != 1.0:
             z.mul_(scale)
         z.sub_(z.amax(dim=1, keepdim=True))
@@ -168,7 +211,8 @@ def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
         else:
             z.exp_()
             z.div_(z.sum(dim=1, keepdim=True))
-        out[i:i + r] = z
+        if buf is not None:
+            out[i:i + r] = z
     return out
 
 
