@@ -11,11 +11,14 @@ LM training; these kernels never hold more than one ``[BLOCK_N, BLOCK_V]`` tile 
   and adds ``dz @ W`` into ``dh``, ``dz.T @ h`` into ``dW`` and ``sum(dz)`` into ``db`` with
   fp32 atomics (Cut Cross-Entropy's ``cce_backward``): each logit tile is recomputed exactly
   once, so fwd+bwd costs four N·V·D GEMMs, the speed of light without stored logits. The
-  price is that fp32 additions land in a run-dependent order (last-bit nondeterminism of the
-  fp32 accumulators, well under the final cast to fp16/bf16). The deterministic alternative
+  price is that fp32 additions land in a run-dependent order: run-to-run differences at the
+  level of fp32 rounding (below one ulp of the final fp16/bf16 cast, usually). The deterministic alternative
   (one kernel over (V, D) blocks looping over N for dW, one over (N, D) looping over V for dh)
   recomputes every logit tile ``2·ceil(D / BLOCK_D)`` times; at D = 1024 that is 16 GEMMs
-  instead of 4, so it is not shipped.
+  instead of 4, so it is not shipped. Unmeasured risk (no GPU yet): the atomics move
+  ``N·D·V/BLOCK_V + V·D·N/BLOCK_N`` fp32 adds through L2 (about 1 per 384 FLOPs of the tile);
+  if they bound the H200 time, the next step is CCE's gradient filter (skip tiles whose
+  |dz| is below the output dtype's precision) or larger BLOCK_V for the dh side.
 * ``_softmax_write_kernel``: second pass of the fused softmax: recomputes a logit tile and
   writes ``softmax(z * scale)`` (or its log) normalised with the LSE of the first pass.
 
@@ -27,8 +30,8 @@ Lineage: apple/ml-cross-entropy (``cce_lse_forward.py``, ``cce_backward.py``); T
 fp16); compiled ahead of time for sm_90 and sm_80 by :mod:`lorafast.compile_gate`.
 
 Tile configs (no GPU was available when they were chosen): BLOCK_N = BLOCK_V = 128 and
-BLOCK_D = 64 with 8 warps follow CCE's autotune space (``tl_autotune.py``: 128/256 × 128/256 ×
-32/64, 4-8 warps) and Triton tutorial 03's best fp16 config for Hopper (128×128×64, 3-4 stages);
+BLOCK_D = 64 with 8 warps sit in the range of the configs listed by CCE's ``tl_autotune.py``
+and Triton tutorial 03's fp16 matmul configs (128-256 × 128-256 × 32-64, 4-8 warps, 3-4 stages);
 num_stages was lowered until every config fit shared memory without spills on sm_80 and sm_90
 (``python -m lorafast.compile_gate --filter linear_ce``): 3 for the LSE and write kernels, 2
 for the backward (its two extra dots). fp32 inputs use exact "ieee" dots on CUDA cores with

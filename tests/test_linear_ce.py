@@ -117,6 +117,25 @@ def test_leading_dims_partial_grads_and_sum_of_none(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_strided_inputs(impl):
+    """h with a feature stride of 2 and W stored transposed ([D, V] contiguous) give the same result."""
+    h, w, b, y = make_case(19, 150, 24, torch.float32, True, False)
+    h_s = torch.zeros(19, 48).index_copy_(1, torch.arange(0, 48, 2), h)[:, ::2]
+    w_s = w.t().contiguous().t()
+    assert h_s.stride() == (48, 2) and w_s.stride() == (1, 150)
+    hs = h_s.requires_grad_()
+    loss = linear_cross_entropy(hs, w_s, b, y, impl=impl)
+    loss.backward()
+    hh = h.clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(hh, w, b), y, ignore_index=IGNORE)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hs.grad, hh.grad, rtol=1e-4, atol=1e-6)
+    p = linear_softmax(h_s.detach(), w_s, b, impl=impl)
+    torch.testing.assert_close(p, torch.softmax(F.linear(h, w, b), -1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_all_ignored(impl):
     h, w, b, y = make_case(6, 50, 16, torch.float32, True, False)
     y[:] = IGNORE
