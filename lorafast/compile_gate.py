@@ -157,9 +157,26 @@ def shipped_configs(modules: tuple[str, ...] = KERNEL_MODULES) -> list[KernelCon
     return out
 
 
-def run_gate(configs: list[KernelConfig] | None = None) -> list[CompileReport]:
+_POOL_CONFIGS: list[KernelConfig] = []
+
+
+def _compile_task(task: tuple[int, int]) -> CompileReport:
+    i, arch = task
+    return compile_config(_POOL_CONFIGS[i], arch)
+
+
+def run_gate(configs: list[KernelConfig] | None = None, jobs: int = 1) -> list[CompileReport]:
+    """Compile every (configuration, arch); ``jobs > 1`` compiles in that many forked processes."""
+    global _POOL_CONFIGS
     configs = shipped_configs() if configs is None else configs
-    return [compile_config(c, a) for c in configs for a in c.archs]
+    tasks = [(i, a) for i, c in enumerate(configs) for a in c.archs]
+    if jobs <= 1 or len(tasks) <= 1:
+        return [compile_config(configs[i], a) for i, a in tasks]
+    import multiprocessing
+
+    _POOL_CONFIGS = configs
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
+        return pool.map(_compile_task, tasks, chunksize=1)
 
 
 def format_reports(reports: list[CompileReport]) -> str:
@@ -182,10 +199,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m lorafast.compile_gate", description=__doc__.split("\n")[0])
     p.add_argument("--filter", default="", help="only configurations whose name contains this")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--json", action="store_true", help="print the reports as a JSON list")
     args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     configs = [c for c in shipped_configs() if args.filter in c.name]
-    reports = run_gate(configs)
-    print(format_reports(reports))
+    reports = run_gate(configs, jobs=args.jobs)
+    if args.json:
+        import json
+
+        print(json.dumps([dataclasses.asdict(r) for r in reports]))
+    else:
+        print(format_reports(reports))
     return 1 if any(r.problems() for r in reports) else 0
 
 

@@ -6,7 +6,6 @@ backend that cannot run raises; nothing falls back silently.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -15,9 +14,11 @@ import torch
 IMPLS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once, at import (no trace-time cache)
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
