@@ -6,7 +6,8 @@ in a fresh process) and ``run(device="cpu", quick=True) -> list[dict]``.
 
 Timing: ``triton.testing.do_bench`` quantiles (20/50/80 %) on CUDA; a ``perf_counter`` loop on
 CPU. Peak memory: on CUDA ``max_memory_allocated`` above what the case holds after setup; on CPU
-the growth of the peak resident set (``ru_maxrss``) of a fresh subprocess while the case runs.
+the growth of the peak resident set (``VmHWM``, reset after setup) of a fresh subprocess
+while the case runs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -102,16 +102,23 @@ def _resolve(factory: str) -> Callable[..., Callable[[], Any]]:
     return getattr(importlib.import_module(mod), name or "setup")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cpu_peak_in_this_process(factory: str, kwargs: dict[str, Any]) -> int:
     fn = _resolve(factory)(**kwargs)
-    base = _rss_bytes()
+    # Reset the high-water mark to the current RSS (Linux: "5" > clear_refs), so that neither
+    # setup's transients nor the parent's peak (inherited by ru_maxrss across fork) count.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
     fn()
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    return max(0, _status_kb("VmHWM") - base) * 1024
 
 
 def peak_memory(factory: str, kwargs: dict[str, Any], device: str = "cpu") -> int:
