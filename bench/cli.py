@@ -23,7 +23,8 @@ SUITES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lorafast bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lorafast bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="*", default=[],
                    help=f"suites to run, from {[*SUITES, 'compile', 'all']} (default: all)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 from typing import Any, Iterable
 
 from lorafast.init_laws import KaimingUniform, Normal, Uniform, Zeros
@@ -60,6 +61,8 @@ class LocalRule:
             raise ValueError(f"LocalRule.period must be an int >= 1, got {self.period!r}")
         if self.law is not None and not isinstance(self.law, (Normal, Uniform, KaimingUniform, Zeros)):
             raise TypeError(f"LocalRule.law must be one of Normal, Uniform, KaimingUniform, Zeros, got {self.law!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"LocalRule.scale must be a finite number, got {self.scale!r}")
         if self.mode == "merge" and isinstance(self.law, Zeros):
             raise ValueError("LocalRule: mode 'merge' with a zeros law would make every adapter zero")
 

@@ -38,7 +38,7 @@ class FusedCausalSelfAttention(reference.CausalSelfAttention):
     impl = "auto"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM:  # warned at construction
+        if not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM and self.impl != "triton":  # warned at construction
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return attention(q, k, v, causal=True, impl=self.impl)  # [B, nh, T, hd]
 
@@ -53,20 +53,31 @@ class LoRA(reference.LoRA):
         _swap_attention(self)
 
     # fused output projection -------------------------------------------------------------
+    def _head_operands(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """h, W_o, b_o in one dtype: the autocast dtype when autocast is on (as ``nn.Linear`` would
+        run under autocast; custom ops are not autocast by themselves), else h's dtype."""
+        w, b = self.head.effective_weight(), self.head.bias
+        dt = h.dtype
+        if torch.is_autocast_enabled(h.device.type):
+            dt = torch.get_autocast_dtype(h.device.type)
+        cast = (lambda t: t if t is None or t.dtype == dt else t.to(dt))
+        return cast(h), cast(w), cast(b)
+
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of ``W_o h + b_o`` without materialising the [N, V] logits."""
-        return linear_cross_entropy(h, self.head.effective_weight(), self.head.bias, targets,
-                                    ignore_index=ignore_index)
+        h, w, b = self._head_operands(h)
+        return linear_cross_entropy(h, w, b, targets, ignore_index=ignore_index)
 
     def head_probs(self, h: torch.Tensor, temperature: float = 1.0, log: bool = False) -> torch.Tensor:
-        w, b = self.head.effective_weight(), self.head.bias
+        h, w, b = self._head_operands(h)
         return linear_softmax(h, w, b, temperature=temperature, log=log).float()
 
     # generation with a KV cache ----------------------------------------------------------
     def _next_hidden(self, ids: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, dict]:
         """Last position's hidden state [B, H]. ``cache`` holds per-block keys and values
-        [B, nh, t, hd] of the tokens already seen; only the new tokens are computed. When the
-        sequence outgrows ``max_seq_len`` the window slides and the cache is rebuilt."""
+        [B, nh, t, hd] of the tokens already seen; only the new tokens are computed (the cache
+        grows by concatenation). Learned positions stop at ``max_seq_len``: past it the window
+        slides by one token per step and is recomputed in full, as in the reference."""
         T = ids.shape[1]
         if cache is None or T > self.config.max_seq_len:
             ids = ids[:, -self.config.max_seq_len:]

@@ -169,7 +169,7 @@ def check_ids(x: object, vocab_size: int, max_seq_len: int, what: str = "ids") -
         raise ValueError(f"{what} is empty: shape {tuple(x.shape)}")
     if T > max_seq_len:
         raise ValueError(f"{what} has seq_len {T} > max_seq_len {max_seq_len}")
-    lo, hi = int(x.min()), int(x.max())
+    lo, hi = (int(v) for v in torch.aminmax(x))  # one host sync
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{what} holds token id {bad} outside [0, vocab_size={vocab_size})")
@@ -275,6 +275,9 @@ class LoRA(nn.Module):
             if len(hits) > 1:
                 raise ValueError(f"{name} is matched by more than one low-rank local rule")
             for rule in hits:
+                if rule.mode == "merge" and "weight" not in module._parameters:
+                    raise ValueError(f"{name}: a merge adapter needs a global base weight, but "
+                                     f"{name}.weight is local (its merges would be redrawn away)")
                 module.add_lowrank(rule.rank, "adapter" if rule.mode == "merge" else "branch", rule.scale)
                 law = rule.resolved_law
                 add(f"{name}.down", module, "down", rule, law)
@@ -355,7 +358,10 @@ class LoRA(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Validated ids [B, T] -> final hidden states [B, T, H] (after the final LayerNorm)."""
-        x = check_ids(x, self.config.vocab_size, self.config.max_seq_len)
+        return self.hidden_unchecked(check_ids(x, self.config.vocab_size, self.config.max_seq_len))
+
+    def hidden_unchecked(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`hidden` without validating ``x`` (int64 ids already checked): no host sync."""
         h = self.embed(x)
         for block in self.blocks:
             h = block(h)
@@ -394,7 +400,12 @@ class LoRA(nn.Module):
         else:
             x = check_ids(x, self.config.vocab_size, self.config.max_seq_len)
             targets = check_targets(targets, x.shape, self.config.vocab_size, ignore_index)
-        h = self.hidden(x)  # [B, T, H]
+        return self.loss_unchecked(x, targets, ignore_index)
+
+    def loss_unchecked(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """:meth:`loss` on ids and targets [B, T] that the caller has validated: no host sync, so
+        ``torch.compile`` sees one graph. Out-of-range values here are undefined behaviour."""
+        h = self.hidden_unchecked(x)  # [B, T, H]
         return self.head_loss(h.reshape(-1, h.shape[-1]), targets.reshape(-1), ignore_index)
 
     # ------------------------------------------------------------------ generation
@@ -414,8 +425,8 @@ class LoRA(nn.Module):
         ids = check_ids(ids, self.config.vocab_size, 1 << 62)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if temperature != 0:
+            _check_temperature(temperature)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         was_training = self.training

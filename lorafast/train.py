@@ -186,6 +186,29 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     return total / len(batches)
 
 
+def _resume_state(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  gen: torch.Generator, device: torch.device) -> int:
+    """Load the run in ``cfg.out`` into model, optimizer and batch generator; return its step."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(cfg.out, "config.json")) as f:
+        meta = json.load(f)
+    saved = ModelConfig.from_dict(meta["model"])
+    if saved != model.config:
+        diff = [f"{k}: saved {a!r}, asked {b!r}" for k, a, b in
+                ((k, saved.to_dict()[k], model.config.to_dict()[k]) for k in saved.to_dict()) if a != b]
+        raise ValueError(f"--resume: the run in {cfg.out} has another model configuration ({'; '.join(diff)}); "
+                         "pass the same model flags, or another --out")
+    model.load_state_dict(load_file(os.path.join(cfg.out, "model.safetensors")))
+    opt_path = os.path.join(cfg.out, "optimizer.pt")
+    if os.path.isfile(opt_path):
+        state = torch.load(opt_path, map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        if "batch_rng" in state:
+            gen.set_state(state["batch_rng"].cpu())
+    return int(meta["step"])
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training loop of ``cfg``; returns a summary (losses, time, output folder)."""
     device = resolve_device(cfg.device)
@@ -195,17 +218,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     opt = make_optimizer(cfg, model)
     start = 0
     if cfg.resume and os.path.isfile(os.path.join(cfg.out, "config.json")):
-        from safetensors.torch import load_file
-
-        with open(os.path.join(cfg.out, "config.json")) as f:
-            start = int(json.load(f)["step"])
-        model.load_state_dict(load_file(os.path.join(cfg.out, "model.safetensors")))
-        opt_path = os.path.join(cfg.out, "optimizer.pt")
-        if os.path.isfile(opt_path):
-            saved = torch.load(opt_path, map_location=device, weights_only=False)
-            opt.load_state_dict(saved["optimizer"])
-            if "batch_rng" in saved:
-                gen.set_state(saved["batch_rng"])
+        start = _resume_state(cfg, model, opt, gen, device)
     os.makedirs(cfg.out, exist_ok=True)
     val_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_batches = [corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen) for _ in range(cfg.eval_batches)]
@@ -218,13 +231,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
           f"val bytes), device {device}, {cfg.dtype}", file=sys.stderr)
 
-    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    losses: list[float] = []
+    # A fresh run starts a fresh metrics file; a resumed one appends to it.
+    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a" if start else "w")
+    losses: list[tuple[int, float]] = []
     val_losses: list[tuple[int, float]] = []
     if start == 0:
         v0 = evaluate(model, val_batches, device, autocast)
         val_losses.append((0, v0))
-        metrics.write(json.dumps({"step": 0, "val_loss": v0}) + "\n")
+        # Before any update: no training loss, learning rate or throughput yet.
+        metrics.write(json.dumps({"step": 0, "loss": None, "lr": None, "tokens_per_s": None, "val_loss": v0}) + "\n")
         metrics.flush()
     try:
         from tqdm.auto import tqdm
@@ -233,7 +248,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True) if tqdm else None
     t_start = time.perf_counter()
     t_log, tok_log = time.perf_counter(), 0
-    step = start
+    done = start  # optimizer steps completed
+    rng_at_done = gen.get_state()  # batch generator state when `done` steps are complete
+
+    def checkpoint() -> None:
+        save_checkpoint(cfg.out, model, done, cfg, opt, {"batch_rng": rng_at_done})
+
     try:
         for step in range(start, cfg.steps):
             model.reset_local_(step, optimizer=opt)
@@ -251,14 +271,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            done, rng_at_done = step + 1, gen.get_state()
             tok_log += x.numel()
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1 or (
+                    cfg.eval_every and done % cfg.eval_every == 0):
                 lv = float(loss.detach())
-                losses.append(lv)
-                now = time.perf_counter()
-                rec: dict[str, Any] = {"step": done, "loss": lv, "lr": lr, "tokens_per_s": tok_log / (now - t_log)}
-                t_log, tok_log = now, 0
+                losses.append((done, lv))
+                rec: dict[str, Any] = {"step": done, "loss": lv, "lr": lr,
+                                       "tokens_per_s": tok_log / (time.perf_counter() - t_log)}
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     rec["val_loss"] = evaluate(model, val_batches, device, autocast)
                     val_losses.append((done, rec["val_loss"]))
@@ -266,23 +286,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 metrics.flush()
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "val_loss", "tokens_per_s")})
+                t_log, tok_log = time.perf_counter(), 0  # evaluation time does not count as training
             if bar is not None:
                 bar.update(1)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(cfg.out, model, done, cfg, opt, {"batch_rng": gen.get_state()})
-        step = cfg.steps
+                t0 = time.perf_counter()
+                checkpoint()
+                t_log += time.perf_counter() - t0  # nor does writing a checkpoint
     except BaseException:
-        # Nothing is lost on a crash or Ctrl-C: keep the last completed step.
-        if step > start:
-            save_checkpoint(cfg.out, model, step, cfg, opt, {"batch_rng": gen.get_state()})
-            print(f"\nlorafast: interrupted; checkpoint of step {step} written to {cfg.out}", file=sys.stderr)
+        # Nothing is lost on a crash or Ctrl-C: keep the last completed step, with the batch
+        # generator where that step left it, so that --resume continues the same run.
+        if done > start:
+            checkpoint()
+            print(f"\nlorafast: interrupted; checkpoint of step {done} written to {cfg.out}", file=sys.stderr)
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
     elapsed = time.perf_counter() - t_start
-    save_checkpoint(cfg.out, model, cfg.steps, cfg, opt, {"batch_rng": gen.get_state()})
+    checkpoint()
     sample = ""
     if cfg.sample_tokens:
         model.reset_local_(cfg.steps)
@@ -291,10 +314,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                              generator=torch.Generator(device=device).manual_seed(cfg.seed))
         sample = decode(out[0])
         print(f"--- sample ---\n{sample}\n--------------")
-    summary = {"steps": cfg.steps, "seconds": elapsed, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "val_losses": val_losses, "out": cfg.out,
-               "sample": sample}
-    if val_losses:
+    summary = {"steps": cfg.steps, "seconds": elapsed, "first_loss": losses[0][1] if losses else None,
+               "last_loss": losses[-1][1] if losses else None, "losses": losses, "val_losses": val_losses,
+               "out": cfg.out, "sample": sample}
+    if val_losses and losses:
         print(f"lorafast: {cfg.steps - start} steps in {elapsed:.1f} s; train loss "
               f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; val loss "
               f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}); "

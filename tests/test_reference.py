@@ -252,6 +252,8 @@ def test_bad_targets():
     (dict(local=LocalConfig((LocalRule("no.such.weight"),))), ValueError, "matches no"),
     (dict(local=LocalConfig((LocalRule("blocks.0.mlp.fc_in.weight"), LocalRule("blocks.*.mlp.fc_in.weight")))),
      ValueError, "more than one"),
+    (dict(local=LocalConfig((LocalRule("blocks.0.mlp.fc_in.weight"),
+                             LocalRule("blocks.0.mlp.fc_in", mode="merge", rank=2)))), ValueError, "base weight"),
     (dict(dropout=1.5), ValueError, "dropout"),
     (dict(max_seq_len=0), ValueError, "max_seq_len"),
     (dict(local=3), TypeError, "local"),
@@ -273,6 +275,10 @@ def test_bad_laws_and_rules():
         LocalRule("x", mode="sometimes")
     with pytest.raises(ValueError, match="period"):
         LocalRule("x", period=0)
+    with pytest.raises(ValueError, match="scale"):
+        LocalRule("x", rank=2, scale=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        LoRA(30, 16, 16, 1, **SMALL).generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=float("nan"))
     with pytest.raises(ValueError):
         LoRA(0, 16, 16, 1)
     with pytest.raises(ValueError, match="step"):

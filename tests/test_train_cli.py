@@ -42,8 +42,9 @@ def test_short_training_run_loss_falls(tmp_path, preset, optimizer):
     assert vals[-1] < vals[0] - 1.0, vals
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     logged = [r for r in recs if "loss" in r]
-    assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 30]
-    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in logged)
+    assert [r["step"] for r in logged] == [0, 1, 5, 10, 15, 20, 25, 30]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)
+    assert s["first_loss"] == logged[1]["loss"] and s["last_loss"] == logged[-1]["loss"]
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 15, 30]
     assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "config.json")
     model, meta = load_checkpoint(str(tmp_path), reference=True)
@@ -52,37 +53,49 @@ def test_short_training_run_loss_falls(tmp_path, preset, optimizer):
     assert torch.isfinite(model(x)).all()
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
+def _params(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("preset", ["ffn-alt", "merge"])
+def test_resume_continues_where_it_stopped(tmp_path, preset):
     # constant learning rate after warmup, so that a 10-step run and a 20-step run share a schedule
-    tiny = {**TINY, "lr": 3e-3, "min_lr": 3e-3}
-    full = TrainConfig(out=str(tmp_path / "full"), checkpoint_every=10, **{**tiny, "steps": 20, "eval_every": 0})
-    a = train(full)
-    half = TrainConfig(out=str(tmp_path / "half"), checkpoint_every=10, **{**tiny, "steps": 10, "eval_every": 0})
-    train(half)
-    resumed = TrainConfig(out=str(tmp_path / "half"), resume=True, checkpoint_every=10,
-                          **{**tiny, "steps": 20, "eval_every": 0})
-    b = train(resumed)
-    assert b["last_loss"] == pytest.approx(a["last_loss"], rel=1e-5)
+    tiny = {**TINY, "lr": 3e-3, "min_lr": 3e-3, "eval_every": 0, "log_every": 1, "preset": preset}
+    a = train(TrainConfig(out=str(tmp_path / "full"), **{**tiny, "steps": 20}))
+    train(TrainConfig(out=str(tmp_path / "half"), **{**tiny, "steps": 10}))
+    b = train(TrainConfig(out=str(tmp_path / "half"), resume=True, **{**tiny, "steps": 20}))
+    assert b["losses"] == a["losses"][10:]  # bit-identical continuation
+    pa, pb = _params(tmp_path / "full"), _params(tmp_path / "half")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    with pytest.raises(ValueError, match="another model configuration"):
+        train(TrainConfig(out=str(tmp_path / "half"), resume=True, **{**tiny, "steps": 21, "seed": 5}))
 
 
-def test_crash_keeps_a_checkpoint(tmp_path, monkeypatch):
-    import lorafast.corpus as corpus
+def test_crash_keeps_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    import lorafast.reference as reference
 
+    tiny = {**TINY, "steps": 12, "lr": 3e-3, "min_lr": 3e-3, "eval_every": 0, "log_every": 1}
+    want = train(TrainConfig(out=str(tmp_path / "whole"), **tiny))
     calls = {"n": 0}
-    real = corpus.Corpus.batch
+    real = reference.LoRA.loss
 
-    def flaky(self, split, *a, **k):
-        if split == "train":
-            calls["n"] += 1
-            if calls["n"] == 8:
-                raise KeyboardInterrupt
-        return real(self, split, *a, **k)
+    def flaky(self, *a, **k):  # Ctrl-C inside the 8th training loss, after its batch was drawn
+        calls["n"] += torch.is_grad_enabled()  # evaluations run under no_grad
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(corpus.Corpus, "batch", flaky)
+    monkeypatch.setattr(reference.LoRA, "loss", flaky)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(tmp_path), **TINY))
-    meta = json.load(open(tmp_path / "config.json"))
-    assert meta["step"] == 7
+        train(TrainConfig(out=str(tmp_path / "cut"), **tiny))
+    assert json.load(open(tmp_path / "cut" / "config.json"))["step"] == 7
+    monkeypatch.setattr(reference.LoRA, "loss", real)
+    got = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **tiny))
+    assert got["losses"] == want["losses"][7:]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == list(range(0, 13))  # step 0 (initial evaluation), 1..7, then 8..12 after resuming
 
 
 def test_bad_train_config():
@@ -111,6 +124,8 @@ def test_cli_train_and_generate(tmp_path):
     g = _cli("generate", "--checkpoint", str(out), "--prompt", "the quick", "--max-new-tokens", "12")
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("the quick") and len(g.stdout.encode()) >= len("the quick") + 1
+    h = _cli("bench", "--help")
+    assert h.returncode == 0 and "--full" in h.stdout, h.stderr
     bad = _cli("train", "--preset", "nope")
     assert bad.returncode != 0 and "nope" in bad.stderr
     missing = _cli("generate", "--checkpoint", str(tmp_path / "none"))

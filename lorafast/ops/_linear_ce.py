@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl
+from ._dispatch import interpreter_enabled, resolve_impl
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,6 +42,18 @@ class LinearCEOptions:
     reduction: str = "mean"
     impl: str = "auto"
     check: Optional[bool] = None
+
+
+def _backend(impl: str, op: str, *tensors: torch.Tensor) -> str:
+    """resolve_impl, plus: the Triton interpreter's bf16 ``tl.dot`` is wrong in triton 3.9, so
+    bf16 under ``TRITON_INTERPRET=1`` takes the PyTorch path with "auto" and raises with "triton"."""
+    backend = resolve_impl(impl, *tensors, op=op)
+    if backend == "triton" and interpreter_enabled() and tensors[0].dtype == torch.bfloat16:
+        if impl == "triton":
+            raise RuntimeError(f"{op}: impl='triton' with bf16 cannot run under TRITON_INTERPRET=1 "
+                               "(the interpreter's bf16 tl.dot is broken); use fp32/fp16 or impl='torch'")
+        return "torch"
+    return backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +350,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """
     opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)
     _validate_ce(h, weight, bias, targets, opts)
-    backend = resolve_impl(impl, h, weight, targets, op="linear_cross_entropy")
+    backend = _backend(impl, "linear_cross_entropy", h, weight, targets)
     if backend == "triton" and bias is not None:
         bias = bias.contiguous()
     lead = targets.shape
@@ -364,6 +376,6 @@ def linear_softmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-    backend = resolve_impl(impl, h, weight, op=op)
+    backend = _backend(impl, op, h, weight)
     out = _softmax_op(h.reshape(-1, h.shape[-1]), weight, bias, 1.0 / float(temperature), bool(log), backend)
     return out.reshape(*h.shape[:-1], weight.shape[0])
