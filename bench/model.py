@@ -38,8 +38,11 @@ def _sdpa_reference(kw: dict[str, Any]):
 
 
 def setup(provider: str, V: int, E: int, H: int, L: int, B: int, T: int, dtype: str = "float32",
-          device: str = "cpu", preset: str = "ffn-alt"):
-    """One training step of ``provider`` on a [B, T] batch, as a zero-argument callable."""
+          device: str = "cpu", preset: str = "ffn-alt", warm: bool = True):
+    """One training step of ``provider`` on a [B, T] batch, as a zero-argument callable.
+
+    ``warm``: run one step first (compiles, optimizer state). The memory run passes False, so that
+    the measured step's activations, gradients and optimizer state are new allocations."""
     import lorafast
     from lorafast import reference
 
@@ -70,7 +73,8 @@ def setup(provider: str, V: int, E: int, H: int, L: int, B: int, T: int, dtype: 
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
 
-    step()  # warm up: optimizer state exists before the memory baseline; compiles happen here
+    if warm:
+        step()
     return step
 
 
@@ -87,7 +91,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict[str, Any]]:
         try:
             fn = setup(**kwargs)
             t = time_fn(fn, device, rep=None if device == "cpu" else 20)
-            mem = peak_memory("lorafast.bench.model:setup", kwargs, device)
+            mem = peak_memory("lorafast.bench.model:setup", {**kwargs, "warm": device.startswith("cuda")}, device)
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
             records.append({"op": "train-step", "provider": provider, "error": f"{type(e).__name__}: {e}"[:200]})
             continue

@@ -32,7 +32,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclasses.dataclass
 class TrainConfig:
     # run
-    steps: int = _f(250, "optimizer steps")
+    steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(16, "sequences per batch")
     seq_len: int = _f(128, "tokens per sequence")
     # model
@@ -48,15 +48,15 @@ class TrainConfig:
     optimizer: str = _f("adamw", "optimizer", choices=["adamw", "sgd"])
     lr: float = _f(3e-3, "peak learning rate")
     min_lr: float | None = _f(None, "final learning rate of the cosine decay (default lr / 10)")
-    warmup: int = _f(25, "linear warmup steps")
+    warmup: int = _f(50, "linear warmup steps")
     weight_decay: float = _f(0.1, "decoupled weight decay on matrices (AdamW) or L2 (SGD)")
     momentum: float = _f(0.9, "SGD momentum")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     # evaluation, logging, checkpoints
-    eval_every: int = _f(50, "evaluate on the validation split every N steps")
+    eval_every: int = _f(100, "evaluate on the validation split every N steps")
     eval_batches: int = _f(8, "validation batches per evaluation")
     log_every: int = _f(10, "append metrics every N steps")
-    checkpoint_every: int = _f(100, "write a checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = _f(250, "write a checkpoint every N steps (0: only at the end)")
     # environment
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = _f("float32", "compute dtype (autocast when not float32)", choices=list(DTYPES))
