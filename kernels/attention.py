@@ -582,12 +582,21 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 # --------------------------------------------------------------------------------------------
 # Launchers (inputs validated by lorafast.ops._attention before they get here)
 # --------------------------------------------------------------------------------------------
+MAX_GRID_Y = 65535  # B * H rides on CUDA grid axis 1
+
+
+def _check_grid(B: int, H: int) -> None:
+    if B * H > MAX_GRID_Y:
+        raise ValueError(f"attention: B * H = {B * H} exceeds {MAX_GRID_Y} (CUDA grid axis 1)")
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, *, causal: bool, scale: float,
                       tiles: AttentionTiles | None = None) -> None:
     """Launch the forward into ``out`` ([B, H, T, D], any strides) and ``lse`` ([B, H, T] fp32,
     contiguous; log2 units). No host synchronisation."""
     B, H, T, D = q.shape
+    _check_grid(B, H)
     tiles = tiles or pick_tiles(D, q.dtype, q.device)
     _check_tiles(tiles)
     prec, f32 = _dot_flags(q.dtype, q.device)
@@ -609,6 +618,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """Launch the backward: delta preprocess, then dK/dV (if dk is given; dv must be too) and
     dQ (if dq is given). Gradients are written into the given buffers (any strides)."""
     B, H, T, D = q.shape
+    _check_grid(B, H)
     tiles = tiles or pick_tiles(D, q.dtype, q.device)
     _check_tiles(tiles)
     prec, f32 = _dot_flags(q.dtype, q.device)

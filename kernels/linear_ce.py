@@ -382,7 +382,7 @@ def compile_configs():
             sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
             c = _CONFIGS[("lse", "fp32" if dt == torch.float32 else "half")]
             sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                   "zt_ptr": "*fp32", "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64",
+                   "zt_ptr": "*fp32", "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32",
                    "stride_wd": "constexpr", "N": "i32", "V": "i32", "D": "i32", "TILES_PER_SPLIT": "i32",
                    "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
                    "HAS_BIAS": "constexpr", "HAS_TARGET": "constexpr", "DOT_PRECISION": "constexpr"}
@@ -397,7 +397,7 @@ def compile_configs():
             c = _CONFIGS[("bwd", "fp32" if dt == torch.float32 else "half")]
             sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
                    "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                   "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64", "stride_wd": "constexpr",
+                   "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr",
                    "N": "i32", "V": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                    "BLOCK_D": "constexpr", "HAS_BIAS": "constexpr", "COMPUTE_DH": "constexpr",
                    "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "DOT_PRECISION": "constexpr"}
@@ -413,8 +413,8 @@ def compile_configs():
             continue  # the write kernel's fp16 build differs from bf16 only in element type
         c = _CONFIGS[("write", "fp32" if dt == torch.float32 else "half")]
         sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "lse_ptr": "*fp32", "out_ptr": f"*{t}",
-               "stride_hn": "i64", "stride_hd": "constexpr", "stride_wv": "i64", "stride_wd": "constexpr",
-               "stride_on": "i64", "stride_ov": "constexpr", "N": "i32", "V": "i32", "D": "i32",
+               "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr",
+               "stride_on": "i32", "stride_ov": "constexpr", "N": "i32", "V": "i32", "D": "i32",
                "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
                "HAS_BIAS": "constexpr", "IS_LOG": "constexpr", "DOT_PRECISION": "constexpr"}
         for is_log in ((False, True) if mma else (False,)):

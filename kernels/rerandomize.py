@@ -272,5 +272,6 @@ def compile_configs():
                 name=f"rerandomize_r{rounds}_{'aligned' if aligned else 'unaligned'}",
                 fn=_rerandomize_kernel, signature=dict(sig),
                 constexprs={"BLOCK_G": BLOCK_G, "ROUNDS": rounds, "ALIGNED": aligned, "META_W": META_W},
-                num_warps=NUM_WARPS, num_stages=1, aligned=("meta_ptr",), needs_mma=False))
+                num_warps=NUM_WARPS, num_stages=1, aligned=("meta_ptr",), needs_mma=False,
+                options={"enable_fp_fusion": False}))  # as launched
     return out

@@ -41,6 +41,8 @@ class KernelConfig:
     (what Triton's launch-time specialisation would see for contiguous tensors).
     ``needs_mma``: its main loop must run on tensor cores (HGMMA on sm_90, HMMA on sm_80).
     ``allow_spills``: set only with a comment at the declaration saying why a spill is accepted.
+    ``options``: compile options the launcher passes besides warps and stages (e.g.
+    ``enable_fp_fusion=False``), so that the gate builds the binary that is launched.
     """
 
     name: str
@@ -53,6 +55,7 @@ class KernelConfig:
     needs_mma: bool = False
     allow_spills: bool = False
     archs: tuple[int, ...] = (90, 80)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # further compile options, as launched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ def compile_config(cfg: KernelConfig, arch: int) -> CompileReport:
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned}
     src = ASTSource(cfg.fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs), attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **cfg.options})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

@@ -190,6 +190,15 @@ def test_bad_target_unchecked_is_nan_not_a_crash(impl):
     y[2] = 10**9
     loss = linear_cross_entropy(h, w, b, y, reduction="none", impl=impl, check=False)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(8) != 2]).all()
+    # masking the NaN row out leaves the gradients of the good rows only: the bad row adds nothing
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = linear_cross_entropy(h, w, b, y, reduction="none", impl=impl, check=False)
+    keep = torch.arange(8) != 2
+    loss[keep].sum().backward()
+    assert torch.count_nonzero(h.grad[2]) == 0
+    want_w = torch.autograd.grad(F.cross_entropy(F.linear(h[keep], w, b), y[keep], reduction="sum"), w)[0]
+    torch.testing.assert_close(w.grad, want_w, rtol=1e-4, atol=1e-5)
 
 
 def test_validation_errors():

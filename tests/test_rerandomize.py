@@ -232,3 +232,14 @@ def test_cuda_matches_cpu():
     cpu = torch.empty(1 << 24, dtype=torch.bfloat16)
     rerandomize_([cpu], seed=1, step=1, init=Uniform(-1, 1), offsets=[(1 << 33) + 1], impl="torch")
     assert torch.equal(big.cpu(), cpu)
+
+
+def test_overlapping_tensors_are_rejected():
+    t = torch.empty(100)
+    with pytest.raises(ValueError, match="overlap"):
+        rerandomize_([t, t[10:50]], seed=0, step=0, init=Normal(), impl="torch")
+    with pytest.raises(ValueError, match="overlap"):
+        rerandomize_([t, t], seed=0, step=0, init=Normal(), impl="torch")
+    a, b = t[:50], t[50:]  # disjoint views of one storage are fine
+    rerandomize_([a, b], seed=0, step=0, init=Normal(), impl="torch")
+    assert torch.isfinite(t).all()

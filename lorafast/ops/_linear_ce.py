@@ -104,7 +104,7 @@ def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
         raise ValueError(f"{op}: targets are on {targets.device} but h is on {h.device}")
     if opts.reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
-    if not isinstance(opts.ignore_index, int):
+    if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(opts.ignore_index).__name__}")
     eager = opts.check if opts.check is not None else h.device.type == "cpu"
     if eager and targets.numel():
@@ -305,8 +305,10 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if grad_loss is None:
         return None, None, None, None, None, None
-    # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0
-    g = torch.where(targets != ctx.ignore_index, grad_loss.float(), torch.zeros_like(lse))
+    # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0, and so are
+    # rows with an out-of-range target (NaN loss under check=None on CUDA): no wrong gradient.
+    valid = (targets != ctx.ignore_index) & ~_bad_targets(targets, weight.shape[0], ctx.ignore_index)
+    g = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
     dh, dw, db = _ce_bwd(h, weight, bias, targets, lse, g, ctx.impl, need_dh, need_dw,
                          bool(need_db and bias is not None))
     return (dh if need_dh else None, dw if need_dw else None,
@@ -345,7 +347,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     Differentiable in h, weight, bias. Rows whose target is ``ignore_index`` contribute 0 and
     are not counted by "mean" (all rows ignored gives NaN, as in PyTorch). Returns fp32: a
     scalar for "mean"/"sum", the per-position losses (targets' shape) for "none".
-    ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA).
+    ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA; such
+    rows take no gradient).
+    Triton backward: dh, dW, db accumulate in full-size fp32 buffers with atomic adds, so they
+    vary run to run in the last fp32 bits (the PyTorch path is deterministic), and it holds
+    4 * (N + V) * D bytes of accumulators beside the outputs.
     ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
     """
     opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)

@@ -35,6 +35,16 @@ def _int_list(name: str, values, n: int, lo: int, hi: int) -> list[int]:
     return out
 
 
+def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
+    """Two tensors writing the same bytes would race in the one-launch kernel (and give other
+    values than the PyTorch path): reject aliases and overlapping views."""
+    spans = sorted((t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(tensors) if t.numel())
+    for (s0, _, e0, i), (s1, b1, _, j) in zip(spans, spans[1:]):
+        if s0 == s1 and b1 < e0:
+            raise ValueError(f"rerandomize_: tensors[{min(i, j)}] and tensors[{max(i, j)}] overlap in memory")
+
+
 def _validate(tensors, init, ids, offsets, rounds):
     """Checks everything before any computation; returns (tensors, codes, shifts, scales, ids, offsets)."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
@@ -51,6 +61,7 @@ def _validate(tensors, init, ids, offsets, rounds):
         if t.device != tensors[0].device:
             raise ValueError(f"rerandomize_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
                              "all tensors must be on one device")
+    _check_no_overlap(tensors)
     laws = list(init) if isinstance(init, (list, tuple)) else [init] * n
     if len(laws) != n:
         raise ValueError(f"rerandomize_: init has {len(laws)} laws for {n} tensors")
