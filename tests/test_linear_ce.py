@@ -264,3 +264,20 @@ def test_cuda_rule_and_large_offsets(dtype):
     p = linear_softmax(h[-40000:], w, None)
     q = linear_softmax(h[-40000:], w, None, impl="torch")
     torch.testing.assert_close(p[-10:].float(), q[-10:].float(), rtol=2e-2, atol=1e-4)
+
+
+def test_fp16_gradients_do_not_underflow():
+    # With a mean over N rows, dz * g is about 1 / (N * V): below fp16's range at real sizes. The
+    # kernel folds g in relative to the tile's max |g| and rescales after the dots. At
+    # N = V = 2048 the relative error of dh and dW is 2.5e-4 (1.8e-3 when dz * g is cast directly).
+    torch.manual_seed(0)
+    N, V, D = 2048, 2048, 16
+    h = (torch.randn(N, D) * 0.5).half().requires_grad_()
+    w = (torch.randn(V, D) * 0.5).half().requires_grad_()
+    y = torch.randint(0, V, (N,))
+    linear_cross_entropy(h, w, None, y, impl="triton").backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.cross_entropy(h64 @ w64.T, y).backward()
+    for name, ours, truth in (("dh", h.grad, h64.grad), ("dW", w.grad, w64.grad)):
+        rel = ((ours.double() - truth).norm() / truth.norm()).item()
+        assert rel < 6e-4, (name, rel)
