@@ -317,29 +317,46 @@ def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.logsumexp(lse, dim=0), (zt.sum(0) if targets is not None else None)
 
 
+# Rows of W per backward launch. dW accumulates in fp32 (bf16 accumulation across row blocks
+# hurts convergence at large vocabularies), but only for one vocabulary chunk at a time, which is
+# then rounded into the output: the fp32 accumulator is VOCAB_CHUNK x D (8192 x 4096 x 4 B =
+# 128 MiB) instead of V x D, and no second full-size copy is made for the cast.
+VOCAB_CHUNK = 8192
+
+
 def ce_backward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool):
-    """fp32 (dh [N, D] | None, dW [V, D] | None, db [V] | None) for loss_n = g_n (lse_n - z[n, y_n])."""
+    """(dh fp32 [N, D] | None, dW [V, D] in weight's dtype | None, db fp32 [V] | None) for
+    loss_n = g_n (lse_n - z[n, y_n]); one launch per VOCAB_CHUNK rows of W, no host sync."""
     N, D = h.shape
     V = weight.shape[0]
     cfg = _config("bwd", h.dtype, h.device, N, D)
     dev = h.device
     dh = torch.zeros((N, D), device=dev, dtype=torch.float32) if need_dh else None
-    dw = torch.zeros((V, D), device=dev, dtype=torch.float32) if need_dw else None
+    dw = torch.empty((V, D), device=dev, dtype=weight.dtype) if need_dw else None
     need_db = need_db and bias is not None
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_db else None
     if not (need_dh or need_dw or need_db):
         return dh, dw, db
+    chunk = min(V, VOCAB_CHUNK)
+    dw_acc = torch.empty((chunk, D), device=dev, dtype=torch.float32) if need_dw else None
     dummy = lse
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
-    _ce_bwd_kernel[grid](
-        h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, tgt_ptr=targets, lse_ptr=lse,
-        g_ptr=grad_rows, dh_ptr=dh if dh is not None else dummy, dw_ptr=dw if dw is not None else dummy,
-        db_ptr=db if db is not None else dummy,
-        stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        N=N, V=V, D=D, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-        HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for v0 in range(0, V, chunk):
+        vc = min(chunk, V - v0)
+        acc = dw_acc[:vc].zero_() if need_dw else None
+        # Targets relative to the chunk: ids of other chunks fall outside [0, vc) and never match.
+        tgt = targets if v0 == 0 else targets - v0
+        grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(vc, cfg.BLOCK_V))
+        _ce_bwd_kernel[grid](
+            h_ptr=h, w_ptr=weight[v0:v0 + vc], b_ptr=bias[v0:v0 + vc] if bias is not None else h,
+            tgt_ptr=tgt, lse_ptr=lse, g_ptr=grad_rows, dh_ptr=dh if dh is not None else dummy,
+            dw_ptr=acc if acc is not None else dummy, db_ptr=db[v0:v0 + vc] if db is not None else dummy,
+            stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+            N=N, V=vc, D=D, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+            HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if need_dw:
+            dw[v0:v0 + vc].copy_(acc)  # round this chunk once into the output dtype
     return dh, dw, db
 
 

@@ -281,3 +281,22 @@ def test_fp16_gradients_do_not_underflow():
     for name, ours, truth in (("dh", h.grad, h64.grad), ("dW", w.grad, w64.grad)):
         rel = ((ours.double() - truth).norm() / truth.norm()).item()
         assert rel < 6e-4, (name, rel)
+
+
+def test_backward_in_vocabulary_chunks(monkeypatch):
+    # The Triton backward accumulates dW in fp32 one VOCAB_CHUNK of rows at a time; several chunks
+    # (the last one ragged) must give the gradients of a single pass.
+    import lorafast.kernels.linear_ce as k
+
+    h, w, b, y = make_case(37, 123, 31, torch.float32, True, False)
+    fn = lambda h, w, b, y, r: linear_cross_entropy(h, w, b, y, reduction=r, impl="triton")  # noqa: E731
+    up = torch.randn(37, dtype=torch.float32)
+    whole = run_ce(fn, h, w, b, y, "none", up)
+    monkeypatch.setattr(k, "VOCAB_CHUNK", 48)  # chunks of 48, 48, 27 rows
+    chunked = run_ce(fn, h, w, b, y, "none", up)
+    for name, a, c in zip(("loss", "dh", "dW", "db"), whole, chunked):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
+    truth = run_ce(lambda h, w, b, y, r: F.cross_entropy(F.linear(h, w, b), y, ignore_index=IGNORE, reduction=r),
+                   h.double(), w.double(), b.double(), y, "none", up.double())
+    for name, c, t in zip(("loss", "dh", "dW", "db"), chunked, truth):
+        torch.testing.assert_close(c.double(), t, rtol=1e-4, atol=1e-5, msg=name)
