@@ -349,9 +349,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     scalar for "mean"/"sum", the per-position losses (targets' shape) for "none".
     ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA; such
     rows take no gradient).
-    Triton backward: dh, dW, db accumulate in full-size fp32 buffers with atomic adds, so they
-    vary run to run in the last fp32 bits (the PyTorch path is deterministic), and it holds
-    4 * (N + V) * D bytes of accumulators beside the outputs.
+    Triton backward: dh, dW, db accumulate in fp32 with atomic adds, so they vary run to run in
+    the last fp32 bits (the PyTorch path is deterministic); dW is accumulated one vocabulary chunk
+    of 8192 rows at a time, so the fp32 accumulators take 4 * (N + min(V, 8192)) * D bytes.
     ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
     """
     opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)
