@@ -5,9 +5,10 @@ Lineage: Tri Dao's FlashAttention-2 (arXiv 2307.08691) and Triton's tutorial
 follows the tutorial's STAGE trick, the masking of ragged sequence and head dims follows
 flash-attention's ``flash_attn_triton.py`` (EVEN_M/N/HEADDIM).
 
-What it computes, for q, k, v of shape ``[B, H, T, D]`` (any strides) and ``s = scale``::
+What it computes, for q ``[B, H, TQ, D]``, k and v ``[B, H, TK, D]`` (any strides) and
+``s = scale``::
 
-    S = s * q @ k^T            (+ causal mask: key j > query i  ->  -inf)
+    S = s * q @ k^T            (+ causal mask: key j > query i + TK - TQ  ->  -inf)
     P = softmax(S, dim=-1)
     O = P @ v                  LSE = logsumexp(S, dim=-1)  (saved, fp32, in log2 units)
 
@@ -23,12 +24,16 @@ Kernels (grid axis 0 runs over row tiles, axis 1 over the B*H heads):
 * ``_attn_bwd_dq_kernel``: one program per tile of BLOCK_M queries, loops over key tiles.
   dK/dV and dQ are written by exactly one program each: no atomics, bitwise deterministic.
 
-Causal: tiles wholly above the diagonal are never visited; tiles wholly below it run an
-unmasked loop; only the diagonal tiles and the ragged tail (T % BLOCK != 0) pay for masks.
+Causal: the mask is aligned bottom-right as in FlashAttention 2.1+ (the last query sees every
+key; TQ == TK is ordinary causal self-attention, TQ = 1 is a KV-cache decode step); the
+kernels take OFF = TK - TQ as the shift of the diagonal and require TQ <= TK (a row with no
+visible key is rejected by the op layer rather than given a 0 output). Tiles wholly above the
+shifted diagonal are never visited; tiles wholly below it run an unmasked loop; only the
+diagonal tiles and the ragged tails (T % BLOCK != 0) pay for masks.
 Head dims 16..128 that are not powers of two are padded to BLOCK_D and masked.
 
-Limits: q, k, v share one shape (self-attention, no GQA, no cross-attention lengths), no dropout,
-no sliding window, B*H <= 65535 (grid axis 1). Tested under the Triton interpreter on CPU
+Limits: q, k, v share B, H, D (no GQA), no dropout, no sliding window, B*H <= 65535 (grid
+axis 1). Tested under the Triton interpreter on CPU
 (fp32, fp16); GPU configurations are compiled ahead of time for sm_90 and sm_80 by
 ``lorafast.compile_gate`` but were not timed on hardware (see ``compile_configs``).
 """
@@ -64,9 +69,9 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_ptrs, v_ptrs,
     stride_kt, stride_vt,
-    lo, hi, T,
+    lo, hi, TK,
     qk_scale,
-    offs_m, offs_n, d_mask,
+    last_key, offs_n, d_mask,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
@@ -74,11 +79,12 @@ def _attn_fwd_inner(
     """Online-softmax update of (acc, l_i, m_i) with key tiles [lo, hi).
 
     k_ptrs ([BLOCK_D, BLOCK_N], K^T) and v_ptrs ([BLOCK_N, BLOCK_D]) point at key row ``lo``.
-    MASKED: apply key < T and (IS_CAUSAL) key <= query; otherwise every (row, key) is valid.
+    MASKED: apply key < TK and (IS_CAUSAL) key <= last_key[row] (= row + TK - TQ, the
+    bottom-right diagonal); otherwise every (row, key) is valid.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < T
+        n_mask = cols < TK
         kt = _load(k_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
         v = _load(v_ptrs, n_mask[:, None] & d_mask[None, :], MASKED or not EVEN_D)
         if DOT_F32:
@@ -89,9 +95,10 @@ def _attn_fwd_inner(
         if MASKED:
             valid = n_mask[None, :]
             if IS_CAUSAL:
-                valid = valid & (offs_m[:, None] >= cols[None, :])
+                valid = valid & (last_key[:, None] >= cols[None, :])
             qk = tl.where(valid, qk, float("-inf"))
-        # every row sees >= 1 valid key in every visited tile set, so m_new is finite
+        # key 0 is valid for every row (OFF >= 0 when causal) and the first visited tile holds
+        # it, so m_new is finite from the first tile on
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # rescales the old partial sums (exp2(-inf) = 0)
@@ -104,7 +111,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["TQ", "TK"])
 def _attn_fwd_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -114,7 +121,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     # sizes
-    H, T,
+    H, TQ, TK,
     # runtime scalars
     qk_scale,
     # constexprs
@@ -123,11 +130,13 @@ def _attn_fwd_kernel(
 ):
     """Attention forward: O = softmax(s q k^T [+ causal mask]) v and LSE2 = log2-sum-exp2 per row.
 
-    Shapes: q, k, v, o [B, H, T, HEAD_DIM] with any strides; lse [B, H, T] contiguous fp32.
+    Shapes: q, o [B, H, TQ, HEAD_DIM], k, v [B, H, TK, HEAD_DIM], any strides; lse [B, H, TQ]
+    contiguous fp32. Causal mask bottom-right aligned: query i sees key j iff j <= i + TK - TQ.
     Dtypes: q, k, v, o fp16 / bf16 / fp32 (one dtype); scores, softmax, acc in fp32; P cast to
     v's dtype for the PV dot; lse fp32 holding log2(sum exp2(qk_scale * q.k)) (log2 units).
-    Mutates: writes o and lse for rows < T only. qk_scale = s * log2(e).
-    Preconditions: BLOCK_M % BLOCK_N == 0; BLOCK_D = next pow2 >= HEAD_DIM; B*H <= 65535.
+    Mutates: writes o and lse for rows < TQ only. qk_scale = s * log2(e).
+    Preconditions: BLOCK_M % BLOCK_N == 0; BLOCK_D = next pow2 >= HEAD_DIM; B*H <= 65535;
+    TQ <= TK when IS_CAUSAL (every row sees key 0).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -144,7 +153,8 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < T
+    m_mask = offs_m < TQ
+    OFF = TK - TQ  # shift of the causal diagonal (bottom-right alignment)
 
     # int64 bases: b * stride_b and start_m * stride_t can pass 2**31; in-tile offsets stay int32
     q_ptrs = (q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qt
@@ -162,28 +172,29 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if IS_CAUSAL:
-        # key tiles [0, start_m) lie wholly below the diagonal (BLOCK_M % BLOCK_N == 0);
-        # tiles past start_m + BLOCK_M lie wholly above it and are never visited
-        hi_full = start_m
-        hi = tl.minimum(start_m + BLOCK_M, T)
+        # keys [0, start_m + OFF) are visible to every row of the tile: the key tiles below
+        # that bound (rounded down to BLOCK_N) run unmasked; keys past start_m + BLOCK_M + OFF
+        # lie wholly above the shifted diagonal and are never visited
+        hi_full = ((start_m + OFF) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + OFF, TK)
     else:
-        hi_full = (T // BLOCK_N) * BLOCK_N
-        hi = T
+        hi_full = (TK // BLOCK_N) * BLOCK_N
+        hi = TK
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base + kt_off, v_base + v_off, stride_kt, stride_vt,
-        0, hi_full, T, qk_scale, offs_m, offs_n, d_mask,
+        0, hi_full, TK, qk_scale, offs_m + OFF, offs_n, d_mask,
         BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=False, EVEN_D=EVEN_D,
         DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
     lo64 = hi_full.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base + lo64 * stride_kt + kt_off, v_base + lo64 * stride_vt + v_off,
-        stride_kt, stride_vt, hi_full, hi, T, qk_scale, offs_m, offs_n, d_mask,
+        stride_kt, stride_vt, hi_full, hi, TK, qk_scale, offs_m + OFF, offs_n, d_mask,
         BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
         DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
 
     acc = acc / l_i[:, None]
     lse = m_i + tl.math.log2(l_i)  # log2 units: P = exp2(qk_scale * q.k - lse)
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_mask)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
     o_ptrs = (o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_ot
               + loc_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -206,7 +217,7 @@ def _attn_bwd_preprocess_kernel(
 ):
     """delta[b, h, t] = sum_d dO[b, h, t, d] * O[b, h, t, d], the softmax-backward row term.
 
-    Shapes: o, do [B, H, T, HEAD_DIM] any strides; delta [B, H, T] contiguous.
+    Shapes: o, do [B, H, T, HEAD_DIM] any strides (T = query rows); delta [B, H, T] contiguous.
     Dtypes: o, do fp16 / bf16 / fp32; product and sum in fp32; delta fp32.
     Mutates: writes delta for rows < T.
     Preconditions: BLOCK_D = next pow2 >= HEAD_DIM.
@@ -234,9 +245,9 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     qt_ptrs, do_ptrs, lse_bh, delta_bh,
     stride_qt, stride_dot,
-    lo, hi, T,
+    lo, hi, TQ,
     qk_scale,
-    offs_n, loc_m, d_mask,
+    first_row, loc_m, d_mask,
     BLOCK_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
@@ -244,10 +255,12 @@ def _attn_bwd_dkdv_inner(
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in the transposed form.
 
     qt_ptrs ([BLOCK_D, BLOCK_M], Q^T) and do_ptrs ([BLOCK_M, BLOCK_D]) point at query row ``lo``.
+    MASKED: apply query < TQ and (IS_CAUSAL) query >= first_row[key] (= key - (TK - TQ), the
+    first query that sees it, bottom-right alignment); else every pair is valid.
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + loc_m
-        m_mask = rows < T
+        m_mask = rows < TQ
         qt = _load(qt_ptrs, m_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
         do = _load(do_ptrs, m_mask[:, None] & d_mask[None, :], MASKED or not EVEN_D)
         lse = _load(lse_bh + rows, m_mask, MASKED)
@@ -260,7 +273,7 @@ def _attn_bwd_dkdv_inner(
         if MASKED:
             valid = m_mask[None, :]
             if IS_CAUSAL:
-                valid = valid & (rows[None, :] >= offs_n[:, None])
+                valid = valid & (rows[None, :] >= first_row[:, None])
             pt = tl.where(valid, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)          # dV += P^T dO
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                  # dP^T = V dO^T
@@ -271,7 +284,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["TQ", "TK"])
 def _attn_bwd_dkdv_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
@@ -283,7 +296,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     # sizes
-    H, T,
+    H, TQ, TK,
     # runtime scalars
     qk_scale, sm_scale,
     # constexprs
@@ -292,11 +305,13 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dV = P^T dO and dK = s * dS^T Q, dS = P * (dO V^T - delta), for one tile of keys.
 
-    Shapes: q, k, v, do, dk, dv [B, H, T, HEAD_DIM] any strides; lse, delta [B, H, T] fp32.
+    Shapes: q, do [B, H, TQ, HEAD_DIM], k, v, dk, dv [B, H, TK, HEAD_DIM], any strides; lse,
+    delta [B, H, TQ] fp32. Causal: bottom-right aligned (query i sees key j iff j <= i + TK - TQ).
     Dtypes: inputs fp16 / bf16 / fp32; P, dS, dK, dV accumulate in fp32; P and dS are cast to
     the input dtype for their dots; dk, dv stored in their own dtype.
-    Mutates: writes dk, dv rows < T (each by exactly one program: deterministic, no atomics).
-    Preconditions: BLOCK_N % BLOCK_M == 0; lse from the forward; delta from the preprocess.
+    Mutates: writes dk, dv rows < TK (each by exactly one program: deterministic, no atomics).
+    Preconditions: BLOCK_N % BLOCK_M == 0; lse from the forward; delta from the preprocess;
+    TQ <= TK when IS_CAUSAL.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -309,7 +324,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     d_mask = offs_d < HEAD_DIM
-    n_mask = offs_n < T
+    n_mask = offs_n < TK
+    OFF = TK - TQ  # shift of the causal diagonal (bottom-right alignment)
     kv_mask = n_mask[:, None] & d_mask[None, :]
     row_n = start_n.to(tl.int64)
 
@@ -327,36 +343,40 @@ def _attn_bwd_dkdv_kernel(
     do_base = do_ptr + b * stride_dob + h * stride_doh
     qt_off = loc_m[None, :] * stride_qt + offs_d[:, None] * stride_qd     # Q^T tile [BLOCK_D, BLOCK_M]
     do_off = loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod   # dO tile [BLOCK_M, BLOCK_D]
-    lse_bh = lse_ptr + pid_bh.to(tl.int64) * T
-    delta_bh = delta_ptr + pid_bh.to(tl.int64) * T
+    lse_bh = lse_ptr + pid_bh.to(tl.int64) * TQ
+    delta_bh = delta_ptr + pid_bh.to(tl.int64) * TQ
 
-    # query tiles: [diag_lo, diag_hi) straddle the diagonal (masked), [diag_hi, t_full) are
-    # wholly below it (unmasked), [max(diag_hi, t_full), T) is the ragged tail (masked);
-    # query tiles before start_n lie wholly above the diagonal and are skipped.
-    t_full = (T // BLOCK_M) * BLOCK_M
+    # query tiles: [diag_lo, diag_hi) straddle the shifted diagonal (masked), [diag_hi, t_full)
+    # are wholly below it (unmasked), [max(diag_hi, t_full), TQ) is the ragged tail (masked);
+    # query tiles before diag_lo lie wholly above the diagonal and are skipped.
+    t_full = (TQ // BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
-        diag_lo = start_n
-        diag_hi = tl.minimum(start_n + BLOCK_N, T)
+        # key j is seen by queries i >= j - OFF: rows [start_n - OFF, start_n + BLOCK_N - OFF)
+        # see part of this key tile, rows past it see all of it; both ends on BLOCK_M tiles.
+        # (max(., 0) before // : OFF can exceed start_n, and the bounds stay non-negative)
+        diag_lo = (tl.maximum(start_n - OFF, 0) // BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(
+            ((tl.maximum(start_n + BLOCK_N - OFF, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, TQ)
         lo64 = diag_lo.to(tl.int64)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
-            lse_bh, delta_bh, stride_qt, stride_dot, diag_lo, diag_hi, T, qk_scale,
-            offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
+            lse_bh, delta_bh, stride_qt, stride_dot, diag_lo, diag_hi, TQ, qk_scale,
+            offs_n - OFF, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
             EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
     else:
         diag_hi = start_n * 0
     lo64 = diag_hi.to(tl.int64)
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
-        lse_bh, delta_bh, stride_qt, stride_dot, diag_hi, t_full, T, qk_scale,
-        offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=False,
+        lse_bh, delta_bh, stride_qt, stride_dot, diag_hi, t_full, TQ, qk_scale,
+        offs_n - OFF, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=False,
         EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
     tail_lo = tl.maximum(diag_hi, t_full)
     lo64 = tail_lo.to(tl.int64)
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base + lo64 * stride_qt + qt_off, do_base + lo64 * stride_dot + do_off,
-        lse_bh, delta_bh, stride_qt, stride_dot, tail_lo, T, T, qk_scale,
-        offs_n, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
+        lse_bh, delta_bh, stride_qt, stride_dot, tail_lo, TQ, TQ, qk_scale,
+        offs_n - OFF, loc_m, d_mask, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, MASKED=True,
         EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
 
     dk = dk * sm_scale  # dK = s * dS^T Q (the scale of S = s q k^T)
@@ -373,9 +393,9 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,
     kt_ptrs, vt_ptrs,
     stride_kt, stride_vt,
-    lo, hi, T,
+    lo, hi, TK,
     qk_scale,
-    offs_m, offs_n, d_mask,
+    last_key, offs_n, d_mask,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
@@ -383,10 +403,12 @@ def _attn_bwd_dq_inner(
     """Accumulate dQ of one query tile over key tiles [lo, hi).
 
     kt_ptrs, vt_ptrs ([BLOCK_D, BLOCK_N], K^T and V^T) point at key row ``lo``.
+    MASKED: apply key < TK and (IS_CAUSAL) key <= last_key[row] (= row + TK - TQ); else every
+    pair is valid.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < T
+        n_mask = cols < TK
         kt = _load(kt_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
         vt = _load(vt_ptrs, n_mask[None, :] & d_mask[:, None], MASKED or not EVEN_D)
         if DOT_F32:
@@ -396,7 +418,7 @@ def _attn_bwd_dq_inner(
         if MASKED:
             valid = n_mask[None, :]
             if IS_CAUSAL:
-                valid = valid & (offs_m[:, None] >= cols[None, :])
+                valid = valid & (last_key[:, None] >= cols[None, :])
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)                              # dP = dO V^T
         ds = p * (dp - delta[:, None])                                             # dS
@@ -406,7 +428,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["TQ", "TK"])
 def _attn_bwd_dq_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
@@ -417,7 +439,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     # sizes
-    H, T,
+    H, TQ, TK,
     # runtime scalars
     qk_scale, sm_scale,
     # constexprs
@@ -426,11 +448,13 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ = s * dS K with dS = P * (dO V^T - delta), for one tile of queries.
 
-    Shapes: q, k, v, do, dq [B, H, T, HEAD_DIM] any strides; lse, delta [B, H, T] fp32.
+    Shapes: q, do, dq [B, H, TQ, HEAD_DIM], k, v [B, H, TK, HEAD_DIM], any strides; lse, delta
+    [B, H, TQ] fp32. Causal: bottom-right aligned (query i sees key j iff j <= i + TK - TQ).
     Dtypes: inputs fp16 / bf16 / fp32; P, dS, dQ in fp32; dS cast to the input dtype for the
     dot; dq stored in its own dtype.
-    Mutates: writes dq rows < T (each by exactly one program: deterministic, no atomics).
-    Preconditions: BLOCK_M % BLOCK_N == 0; lse from the forward; delta from the preprocess.
+    Mutates: writes dq rows < TQ (each by exactly one program: deterministic, no atomics).
+    Preconditions: BLOCK_M % BLOCK_N == 0; lse from the forward; delta from the preprocess;
+    TQ <= TK when IS_CAUSAL.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -445,7 +469,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < T
+    m_mask = offs_m < TQ
+    OFF = TK - TQ  # shift of the causal diagonal (bottom-right alignment)
     qd_mask = m_mask[:, None] & d_mask[None, :]
     row_m = start_m.to(tl.int64)
 
@@ -453,8 +478,8 @@ def _attn_bwd_dq_kernel(
                 + loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_m * stride_dot
                  + loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=m_mask, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -465,20 +490,23 @@ def _attn_bwd_dq_kernel(
     kt_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     vt_off = offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
     if IS_CAUSAL:
-        hi_full = start_m  # key tiles wholly below the diagonal (BLOCK_M % BLOCK_N == 0)
-        hi = tl.minimum(start_m + BLOCK_M, T)
+        # as in the forward: keys [0, start_m + OFF) are seen by every row of the tile
+        # (start_m is a multiple of BLOCK_N, so only OFF needs rounding down)
+        hi_full = start_m + (OFF // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + OFF, TK)
     else:
-        hi_full = (T // BLOCK_N) * BLOCK_N
-        hi = T
+        hi_full = (TK // BLOCK_N) * BLOCK_N
+        hi = TK
+    last_key = offs_m + OFF  # the last key each query row sees (causal)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base + kt_off, v_base + vt_off, stride_kt, stride_vt,
-        0, hi_full, T, qk_scale, offs_m, offs_n, d_mask,
+        0, hi_full, TK, qk_scale, last_key, offs_n, d_mask,
         BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=False, EVEN_D=EVEN_D,
         DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
     lo64 = hi_full.to(tl.int64)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base + lo64 * stride_kt + kt_off, v_base + lo64 * stride_vt + vt_off,
-        stride_kt, stride_vt, hi_full, hi, T, qk_scale, offs_m, offs_n, d_mask,
+        stride_kt, stride_vt, hi_full, hi, TK, qk_scale, last_key, offs_n, d_mask,
         BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
         DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
 
@@ -529,8 +557,10 @@ _GPU_TILES = {
 }
 # fp32 inputs: exact fp32 dots on CUDA cores ("ieee", as torch's default matmul precision);
 # the FMA dots need many registers, so small tiles and 8 warps (gate: no spills at D=128).
+# dq: 2 stages, since with 1 stage ptxas keeps sm_80 at 64 registers and spills one (8 B of
+# stack) once the causal bounds carry the TK - TQ shift; 2 stages: 74 regs, no spill, 51 KB smem.
 _GPU_TILES_FP32 = AttentionTiles(fwd=Tile(32, 16, 8, 1), preprocess=Tile(64, 0, 4, 1),
-                                 dkdv=Tile(16, 32, 8, 1), dq=Tile(32, 16, 8, 1))
+                                 dkdv=Tile(16, 32, 8, 1), dq=Tile(32, 16, 8, 2))
 # Interpreter (CPU tests): small tiles so that T in the tens exercises the unmasked loop, the
 # diagonal and the ragged tail; the interpreter ignores warps and stages.
 _INTERPRET_TILES = AttentionTiles(fwd=Tile(32, 16, 1, 1), preprocess=Tile(32, 0, 1, 1),
@@ -593,9 +623,11 @@ def _check_grid(B: int, H: int) -> None:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, *, causal: bool, scale: float,
                       tiles: AttentionTiles | None = None) -> None:
-    """Launch the forward into ``out`` ([B, H, T, D], any strides) and ``lse`` ([B, H, T] fp32,
-    contiguous; log2 units). No host synchronisation."""
+    """Launch the forward into ``out`` ([B, H, TQ, D], any strides) and ``lse`` ([B, H, TQ] fp32,
+    contiguous; log2 units); k, v are [B, H, TK, D] (causal needs TQ <= TK; the mask is
+    bottom-right aligned). No host synchronisation."""
     B, H, T, D = q.shape
+    TK = k.shape[2]
     _check_grid(B, H)
     tiles = tiles or pick_tiles(D, q.dtype, q.device)
     _check_tiles(tiles)
@@ -605,7 +637,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     _attn_fwd_kernel[grid](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
         **_named("q", q), **_named("k", k), **_named("v", v), **_named("o", out),
-        H=H, T=T, qk_scale=scale * LOG2E,
+        H=H, TQ=T, TK=TK, qk_scale=scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d(D),
         IS_CAUSAL=causal, DOT_PREC=prec, DOT_F32=f32,
         num_warps=t.num_warps, num_stages=t.num_stages)
@@ -616,8 +648,10 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        dk: torch.Tensor | None, dv: torch.Tensor | None, *, causal: bool,
                        scale: float, tiles: AttentionTiles | None = None) -> None:
     """Launch the backward: delta preprocess, then dK/dV (if dk is given; dv must be too) and
-    dQ (if dq is given). Gradients are written into the given buffers (any strides)."""
+    dQ (if dq is given). Gradients are written into the given buffers (any strides); q, do,
+    out, dq are [B, H, TQ, D], k, v, dk, dv [B, H, TK, D]."""
     B, H, T, D = q.shape
+    TK = k.shape[2]
     _check_grid(B, H)
     tiles = tiles or pick_tiles(D, q.dtype, q.device)
     _check_tiles(tiles)
@@ -629,12 +663,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         o_ptr=out, do_ptr=do, delta_ptr=delta, **_named("o", out), **_named("do", do),
         H=H, T=T, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_D=BD,
         num_warps=t.num_warps, num_stages=t.num_stages)
-    common = dict(H=H, T=T, qk_scale=scale * LOG2E, sm_scale=scale, HEAD_DIM=D, BLOCK_D=BD,
+    common = dict(H=H, TQ=T, TK=TK, qk_scale=scale * LOG2E, sm_scale=scale, HEAD_DIM=D, BLOCK_D=BD,
                   IS_CAUSAL=causal, DOT_PREC=prec, DOT_F32=f32)
     if dk is not None:
         assert dv is not None
         t = tiles.dkdv
-        _attn_bwd_dkdv_kernel[(triton.cdiv(T, t.block_n), B * H)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(TK, t.block_n), B * H)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, dk_ptr=dk, dv_ptr=dv, lse_ptr=lse, delta_ptr=delta,
             **_named("q", q), **_named("k", k), **_named("v", v), **_named("do", do),
             **_named("dk", dk), **_named("dv", dv), **common,

@@ -6,7 +6,8 @@ directions and ``from lorafast import LoRA`` is a drop-in switch. What changes:
 
 ============================  ==========================================================
 attention                     ``lorafast.ops.attention`` (FlashAttention-2-style Triton
-                              kernels; q, k, v stay strided views of the fused qkv output)
+                              kernels; q, k, v stay strided views of the fused qkv output;
+                              ``generate``'s KV-cache steps too, bottom-right causal)
 ``loss``                      ``lorafast.ops.linear_cross_entropy``: no N x V logits
 ``probs`` and ``generate``    ``lorafast.ops.linear_softmax`` (``generate``: last position
                               only, with a KV cache)
@@ -23,11 +24,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from lorafast import reference
 from lorafast.ops import attention, linear_cross_entropy, linear_softmax
-from lorafast.ops._attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+from lorafast.ops._attention import MAX_HEAD_DIM, MIN_HEAD_DIM, torch_attention
 
 __all__ = ["LoRA", "FusedCausalSelfAttention", "accelerate"]
 
@@ -38,9 +38,12 @@ class FusedCausalSelfAttention(reference.CausalSelfAttention):
     impl = "auto"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q [B, nh, t, hd] over k, v [B, nh, T, hd], t <= T: the queries are
+        the last t positions of the key sequence (t == T in training, t < T in a KV-cache step;
+        bottom-right aligned mask). Returns [B, nh, t, hd]."""
         if not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM and self.impl != "triton":  # warned at construction
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return attention(q, k, v, causal=True, impl=self.impl)  # [B, nh, T, hd]
+            return torch_attention(q, k, v, causal=True)
+        return attention(q, k, v, causal=True, impl=self.impl)  # [B, nh, t, hd]
 
 
 class LoRA(reference.LoRA):
@@ -93,11 +96,9 @@ class LoRA(reference.LoRA):
                 k = torch.cat([cache["kv"][i][0], k], dim=2)  # [B, nh, start + t_new, hd]
                 v = torch.cat([cache["kv"][i][1], v], dim=2)
             cache["kv"][i] = (k, v)
-            if start == 0:
-                y = attn.attend(q, k, v)  # prefill: causal over the prompt
-            else:
-                # One query per sequence, attending to every cached key (nothing in its future).
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # [B, nh, 1, hd]
+            # prefill (start == 0): causal over the prompt; decode: the t_new queries sit at the end
+            # of the start + t_new keys (bottom-right causal: a single query sees every key)
+            y = attn.attend(q, k, v)  # [B, nh, t_new, hd]
             y = y.transpose(1, 2).reshape(B, t, C)  # [B, t_new, H]
             h = h + attn.drop(attn.proj(y))
             h = h + block.mlp(block.ln2(h))

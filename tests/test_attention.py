@@ -2,6 +2,8 @@
 
 Rule (FlashAttention's tests): max|ours - truth| <= 2 * max|torch_same_dtype - truth| + atol,
 for the output and for dq, dk, dv; truth is explicit fp64 math on the same rounded inputs.
+Query length TQ may differ from key length TK; the causal mask is then bottom-right aligned
+(query i sees key j iff j <= i + TK - TQ).
 """
 from __future__ import annotations
 
@@ -22,31 +24,40 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def _math(q, k, v, causal, scale=None):
-    """softmax(scale * q k^T + causal mask) v, in the dtype of the inputs."""
-    D, T = q.shape[-1], q.shape[-2]
+    """softmax(scale * q k^T + causal mask) v, in the dtype of the inputs; the causal mask is
+    aligned bottom-right (query i sees key j iff j <= i + TK - TQ)."""
+    D, TQ, TK = q.shape[-1], q.shape[-2], k.shape[-2]
     s = D ** -0.5 if scale is None else scale
-    S = (q @ k.transpose(-1, -2)) * s                                  # [B, H, T, T]
+    S = (q @ k.transpose(-1, -2)) * s                                  # [B, H, TQ, TK]
     if causal:
-        S = S.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return S.softmax(-1) @ v                                           # [B, H, T, D]
+        S = S.masked_fill(torch.ones(TQ, TK, dtype=torch.bool).triu(TK - TQ + 1), float("-inf"))
+    return S.softmax(-1) @ v                                           # [B, H, TQ, D]
 
 
-def _make(B, H, T, D, dtype, layout, seed=0):
-    """q, k, v leaf tensors [B, H, T, D] in the requested memory layout."""
+def _make(B, H, T, D, dtype, layout, seed=0, TK=None):
+    """q [B, H, T, D] and k, v [B, H, TK, D] (TK defaults to T) leaf tensors in the requested
+    memory layout."""
     g = torch.Generator().manual_seed(seed)
-    if layout == "qkv":  # views of a fused projection output [B, T, 3*H*D]
+    TK = T if TK is None else TK
+    if layout == "qkv" and TK == T:  # views of a fused projection output [B, T, 3*H*D]
         qkv = torch.randn(B, T, 3 * H * D, generator=g).to(dtype).requires_grad_()
         q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)       # 3 x [B, H, T, D]
         return (q, k, v), [qkv]
+    if layout == "qkv":  # q of the new tokens [B, T, H*D], k/v of a cache [B, TK, 2*H*D]
+        qx = torch.randn(B, T, H * D, generator=g).to(dtype).requires_grad_()
+        kv = torch.randn(B, TK, 2 * H * D, generator=g).to(dtype).requires_grad_()
+        k, v = kv.view(B, TK, 2, H, D).permute(2, 0, 3, 1, 4)          # 2 x [B, H, TK, D]
+        return (qx.view(B, T, H, D).transpose(1, 2), k, v), [qx, kv]
+    lens = (T, TK, TK)
     if layout == "contig":
-        ts = [torch.randn(B, H, T, D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        ts = [torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for n in lens]
         return tuple(ts), ts
     if layout == "bthd":
-        ts = [torch.randn(B, T, H, D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        ts = [torch.randn(B, n, H, D, generator=g).to(dtype).requires_grad_() for n in lens]
         return tuple(t.transpose(1, 2) for t in ts), ts
     if layout == "strided_d":  # every other element over D, padded rows: stride_d = 2
-        ts = [torch.randn(B, H, T + 3, 2 * D, generator=g).to(dtype).requires_grad_() for _ in range(3)]
-        return tuple(t[:, :, 1:T + 1, ::2] for t in ts), ts
+        ts = [torch.randn(B, H, n + 3, 2 * D, generator=g).to(dtype).requires_grad_() for n in lens]
+        return tuple(t[:, :, 1:n + 1, ::2] for t, n in zip(ts, lens)), ts
     raise ValueError(layout)
 
 
@@ -56,8 +67,8 @@ def _err(a, b):
     return d.max().item(), tuple(int(x) for x in torch.unravel_index(torch.tensor(i), d.shape))
 
 
-def _check_case(B, H, T, D, causal, dtype, layout, scale=None, seed=0, tiles=None):
-    (q, k, v), leaves = _make(B, H, T, D, dtype, layout, seed)
+def _check_case(B, H, T, D, causal, dtype, layout, scale=None, seed=0, tiles=None, TK=None):
+    (q, k, v), leaves = _make(B, H, T, D, dtype, layout, seed, TK)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(B, H, T, D, generator=g).to(dtype)
 
@@ -89,7 +100,7 @@ def _check_case(B, H, T, D, causal, dtype, layout, scale=None, seed=0, tiles=Non
         e_pt, _ = _err(pt, gt)
         bound = 2 * e_pt + ATOL[dtype]
         assert e_ours <= bound, (f"{name}: max err {e_ours:.3g} at {where} > 2 * {e_pt:.3g} + "
-                                 f"{ATOL[dtype]:g} (B={B} H={H} T={T} D={D} causal={causal} "
+                                 f"{ATOL[dtype]:g} (B={B} H={H} T={T} TK={TK} D={D} causal={causal} "
                                  f"{dtype} {layout})")
     for leaf in leaves:
         assert leaf.grad is None  # autograd.grad does not accumulate
@@ -111,6 +122,84 @@ CASES = [
                               for c in CASES])
 def test_matches_fp64(B, H, T, D, causal, dtype, layout):
     _check_case(B, H, T, D, causal, dtype, layout)
+
+
+# Query length != key length (KV-cache steps, chunked prefill, cross-attention lengths):
+# (TQ, TK) x causal x dtype, the head dim and layout rotating; plus TQ > TK without a mask.
+XCASES = [
+    (1 + i % 2, 1 + (i // 2) % 2, tq, tk, (16, 64, 80)[i % 3], causal, dtype, _LAYOUTS[i % 4])
+    for i, ((tq, tk), causal, dtype) in enumerate(itertools.product(
+        ((1, 17), (1, 200), (5, 64), (17, 129)), (True, False), (torch.float32, torch.float16)))
+] + [(1, 2, 40, 17, 48, False, torch.float32, "qkv"), (2, 1, 3, 1, 16, False, torch.float16, "bthd")]
+
+
+@pytest.mark.parametrize("B,H,TQ,TK,D,causal,dtype,layout", XCASES,
+                         ids=[f"TQ{c[2]}-TK{c[3]}-D{c[4]}-{'causal' if c[5] else 'full'}-"
+                              f"{str(c[6])[6:]}-{c[7]}" for c in XCASES])
+def test_query_length_differs(B, H, TQ, TK, D, causal, dtype, layout):
+    _check_case(B, H, TQ, D, causal, dtype, layout, TK=TK)
+
+
+@pytest.mark.parametrize("TQ,TK,D,arch", [(37, 300, 64, 90), (130, 161, 128, 80)])
+def test_query_length_differs_gpu_tiles(TQ, TK, D, arch):
+    """The shipped GPU tiles (BLOCK 32..128) with a diagonal shifted by more than a tile and by
+    less than one: the causal tile skips of all three kernels use the shifted diagonal."""
+    from lorafast.kernels.attention import pick_tiles
+
+    tiles = pick_tiles(D, torch.float16, torch.device("cuda"), arch=arch)
+    _check_case(1, 1, TQ, D, True, torch.float32, "contig", tiles=tiles, TK=TK)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("TQ,TK,D", [(1, 17, 16), (1, 200, 64), (5, 64, 80), (17, 129, 64),
+                                     (30, 30, 32)])
+def test_torch_impl_query_length_differs(TQ, TK, D, causal, dtype):
+    """impl="torch" has the same bottom-right semantics (SDPA's is_causal alone would align
+    top-left when TQ != TK)."""
+    (q, k, v), _ = _make(1, 2, TQ, D, dtype, "contig", TK=TK)
+    out = attention(q, k, v, causal=causal, impl="torch")
+    assert out.shape == (1, 2, TQ, D) and out.dtype == dtype
+    truth = _math(*(x.detach().double() for x in (q, k, v)), causal)
+    same = _math(*(x.detach() for x in (q, k, v)), causal)
+    assert _err(out, truth)[0] <= 2 * _err(same, truth)[0] + ATOL[dtype]
+    if causal and TQ == 1:  # one query after TK - 1 cached keys sees all of them
+        full = _math(*(x.detach().double() for x in (q, k, v)), False)
+        assert _err(out, full)[0] <= 2 * _err(same, truth)[0] + ATOL[dtype]
+
+
+@pytest.mark.parametrize("hd", [16, 8])  # 8: outside the kernel's range, the PyTorch path
+def test_model_attend_kv_longer_than_q(hd):
+    """FusedCausalSelfAttention.attend on the last t of T positions (a KV-cache step) equals the
+    reference's full causal attention restricted to those rows."""
+    from lorafast import reference
+    from lorafast.model import FusedCausalSelfAttention
+
+    B, nh, T = 2, 2, 23
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, nh, T, hd, generator=g) for _ in range(3))
+    ref = reference.CausalSelfAttention.attend(None, q, k, v)                  # [B, nh, T, hd]
+    attn = FusedCausalSelfAttention.__new__(FusedCausalSelfAttention)
+    for t in (1, 4, T):
+        y = attn.attend(q[:, :, T - t:], k, v)                                  # [B, nh, t, hd]
+        torch.testing.assert_close(y, ref[:, :, T - t:], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_decode_runs_the_kernel(monkeypatch):
+    """The KV-cache decode steps of generate go through lorafast.ops.attention (one query over
+    the cached keys), not through SDPA."""
+    import lorafast.model as lm
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[2], k.shape[2], kw["causal"]))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(lm, "attention", spy)
+    m = lm.LoRA(30, 32, 32, 1, num_heads=2, max_seq_len=16)
+    m.generate(torch.randint(0, 30, (1, 5)), 3, temperature=0)
+    assert seen == [(5, 5, True), (1, 6, True), (1, 7, True)]
 
 
 def test_custom_scale():
@@ -183,7 +272,12 @@ def test_opcheck():
 
 @pytest.mark.parametrize("bad,exc,match", [
     (lambda q, k, v: (q[0], k[0], v[0]), ValueError, "4 dims"),
-    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "same shape"),
+    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), ValueError, "TQ <= TK"),  # causal TQ > TK
+    (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "share B, H and D"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "share B, H and D"),
+    (lambda q, k, v: (q[..., :16], k[..., :24], v[..., :24]), ValueError, "share B, H and D"),
+    (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, ">= 1"),
     (lambda q, k, v: (q, k.half(), v), TypeError, "one dtype"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "dtype must be"),
     (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), ValueError, "head dim"),

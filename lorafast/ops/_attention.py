@@ -1,7 +1,11 @@
 """Scaled dot-product attention over ``[B, H, T, D]`` heads, causal by default.
 
 ``attention(q, k, v, causal=True, scale=None, impl="auto")`` computes
-``softmax(scale * q @ k^T + mask) @ v`` (mask: -inf where key > query when causal).
+``softmax(scale * q @ k^T + mask) @ v`` for q ``[B, H, TQ, D]`` and k, v ``[B, H, TK, D]``.
+The causal mask is aligned bottom-right, as in FlashAttention: query i sees key j iff
+``j <= i + TK - TQ``, so TQ == TK is ordinary causal self-attention and TQ < TK puts the
+queries at the end of the key sequence (a KV-cache step: TQ new tokens after TK - TQ cached
+ones). Causal with TQ > TK would leave rows with no visible key: it raises ValueError.
 
 * ``impl="triton"`` runs the fused FlashAttention-2-style kernels of
   :mod:`lorafast.kernels.attention` (imported lazily, so this module loads without triton),
@@ -11,7 +15,9 @@
   The output is ``[B, H, T, D]`` laid out in ``[B, T, H, D]`` memory, so
   ``out.transpose(1, 2).reshape(B, T, H * D)`` is free. Gradients of dense inputs keep their
   strides; gradients of non-dense inputs (such as qkv views) come back in ``[B, T, H, D]`` memory.
-* ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention``.
+* ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention`` (through
+  :func:`torch_attention`: ``is_causal=True`` when TQ == TK, else an explicit bottom-right
+  boolean mask, since SDPA's ``is_causal`` aligns top-left when TQ != TK).
 * ``impl="auto"``: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, torch otherwise.
 """
 from __future__ import annotations
@@ -43,9 +49,13 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must have shape [B, H, T, D] (4 dims), "
                              f"got {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError("attention: q, k, v must have the same shape [B, H, T, D], got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError("attention: k and v must have the same shape [B, H, TK, D], got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError("attention: q [B, H, TQ, D] and k, v [B, H, TK, D] must share B, H and D "
+                         f"(same shape but for the sequence length), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -54,13 +64,16 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
     B, H, T, D = q.shape
+    TK = k.shape[2]
     if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim D={D} unsupported (need {MIN_HEAD_DIM} <= D <= "
                          f"{MAX_HEAD_DIM})")
-    if B < 1 or H < 1 or T < 1:
-        raise ValueError(f"attention: B, H, T must be >= 1, got shape {tuple(q.shape)}")
+    if B < 1 or H < 1 or T < 1 or TK < 1:
+        raise ValueError(f"attention: B, H, TQ, TK must be >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    _check_causal_lengths(causal, T, TK)
     if scale is None:
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -68,6 +81,27 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
     elif not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
     return AttentionOptions(causal=causal, scale=float(scale))
+
+
+def _check_causal_lengths(causal: bool, tq: int, tk: int) -> None:
+    if causal and tq > tk:
+        raise ValueError(f"attention: causal attention needs TQ <= TK (bottom-right aligned mask: "
+                         f"query i sees keys j <= i + TK - TQ, so the first TQ - TK queries would "
+                         f"see no key), got TQ={tq}, TK={tk}")
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                    scale: float | None = None) -> torch.Tensor:
+    """The PyTorch path: SDPA with this module's mask semantics (bottom-right causal when
+    TQ != TK). No validation beyond the causal lengths: the accelerated model also calls it
+    for head dims the kernels do not take."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if not causal or tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    _check_causal_lengths(causal, tq, tk)
+    # query i sees key j iff j <= i + tk - tq  (SDPA's is_causal would use j <= i)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # [TQ, TK]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _out_like(q: torch.Tensor) -> torch.Tensor:
@@ -149,17 +183,18 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- public op ------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """``softmax(scale * q @ k^T [+ causal mask]) @ v`` for q, k, v ``[B, H, T, D]``.
+    """``softmax(scale * q @ k^T [+ causal mask]) @ v`` for q ``[B, H, TQ, D]``, k, v ``[B, H, TK, D]``.
 
-    Args: q, k, v one shape, one dtype (fp16 / bf16 / fp32), one device, any strides,
-    16 <= D <= 128; ``causal`` masks key > query; ``scale`` defaults to ``D ** -0.5``;
-    ``impl`` "auto" | "triton" | "torch". Returns ``[B, H, T, D]`` in the input dtype.
+    Args: q, k, v one dtype (fp16 / bf16 / fp32), one device, any strides, same B, H and
+    16 <= D <= 128, k and v one shape; ``causal`` masks key j > query i + TK - TQ
+    (bottom-right aligned; needs TQ <= TK); ``scale`` defaults to ``D ** -0.5``;
+    ``impl`` "auto" | "triton" | "torch". Returns ``[B, H, TQ, D]`` in the input dtype.
     Differentiable in q, k, v. Raises ValueError / TypeError on bad input before any launch,
     RuntimeError when impl="triton" cannot run on these tensors.
     """
     opts = _validate(q, k, v, causal, scale)
     if resolve_impl(impl, q, k, v, op="attention") == "torch":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=opts.causal, scale=opts.scale)
+        return torch_attention(q, k, v, causal=opts.causal, scale=opts.scale)
     B, H = q.shape[:2]
     if B * H > MAX_GRID_HEADS:
         raise ValueError(f"attention: B * H = {B * H} exceeds {MAX_GRID_HEADS} (CUDA grid limit)")
