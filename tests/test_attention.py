@@ -358,6 +358,38 @@ def test_cuda_matches_fp64(T, D, causal, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("TQ,TK,D,causal", [(1, 1000, 64, True), (1, 513, 128, True),
+                                             (100, 777, 64, True), (300, 333, 128, True),
+                                             (257, 1000, 80, False), (700, 200, 96, False)])
+def test_cuda_query_length_differs(TQ, TK, D, causal, dtype):
+    """TQ != TK on the GPU tiles (bottom-right causal), forward and backward vs fp64."""
+    B, H = 2, 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, TQ, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    kv = torch.randn(B, TK, 2 * H * D, device="cuda", generator=g).to(dtype).requires_grad_()
+    k, v = kv.view(B, TK, 2, H, D).permute(2, 0, 3, 1, 4)
+    do = torch.randn(B, H, TQ, D, device="cuda", generator=g).to(dtype)
+    out = attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+
+    def ref(prec):
+        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
+        S = (xs[0] @ xs[1].transpose(-1, -2)) * D ** -0.5
+        if causal:
+            S = S.masked_fill(torch.ones(TQ, TK, dtype=torch.bool, device="cuda").triu(TK - TQ + 1),
+                              float("-inf"))
+        o = S.softmax(-1) @ xs[2]
+        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
+
+    truth, same = ref(torch.float64), ref(dtype)
+    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
+        e_ours, where = _err(ours, gt)
+        e_pt, _ = _err(pt, gt)
+        assert e_ours <= 2 * e_pt + ATOL[dtype], f"{name}: {e_ours:.3g} at {where} vs pt {e_pt:.3g}"
+
+
+@pytest.mark.cuda
 def test_cuda_backward_deterministic_and_layouts():
     B, H, T, D = 2, 4, 777, 96
     qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
