@@ -20,12 +20,17 @@ Design
       (program-uniform branch) and stores a [BLOCK_G, 4] tile: 4 contiguous elements per group and
       per thread, so stores vectorise (st.global.v4 fp32, v2 fp16/bf16, no shared memory) when every
       tensor is 16-byte aligned with offset % 4 == 0 (ALIGNED, unmasked interior blocks).
-    * The launcher passes ``enable_fp_fusion=False``: ``scale * base + shift`` must round twice, as
-      in PyTorch, not once in an FMA, for uniform floats to be bit-exact.
+    * The launcher passes ``enable_fp_fusion=False`` (and ``compile_configs`` the same option):
+      ``scale * base + shift`` and every step of Box-Muller must round once per operation, as in
+      PyTorch, not once per FMA. Box-Muller uses no libdevice function: lorafast's own log and
+      sin/cos (exact integer splits, fixed polynomials, ``tl.math.div_rn``, ``tl.sqrt_rn``), the
+      same fp32 operations in the same order as :func:`lorafast.philox.box_muller`, so normals
+      are bit-identical to the PyTorch path, like uniforms (PTX checked: ``mul.rn``/``add.rn``,
+      ``div.rn``, ``sqrt.rn``; no ``fma`` and no ``.ftz``).
 
 Limits: contiguous fp32/fp16/bf16 tensors on one CUDA device (or CPU under TRITON_INTERPRET=1);
-offsets + numel < 2^62. Tested under the Triton interpreter on CPU (bit-exact uniform floats and
-words, normals within a few ulps of the PyTorch path); compiled ahead of time for sm_90 and sm_80
+offsets + numel < 2^62. Tested under the Triton interpreter on CPU (bit-exact against the PyTorch
+path for every law: words, uniforms and normals); compiled ahead of time for sm_90 and sm_80
 by ``lorafast.compile_gate``; NOT timed on a GPU in this session (no GPU was available).
 """
 from __future__ import annotations
@@ -68,12 +73,58 @@ def _to_uniform(w):
 
 
 @triton.jit
+def _log_f32(u1):
+    # log of fp32 u1 in [2^-24, 1]: lorafast.philox.log_f32, the same fp32 operations in the same
+    # order (exact split u1 = m 2^e on the bits, s = (m-1)/(m+1) correctly rounded, atanh series)
+    bits = u1.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    mb = (bits & 0x7FFFFF) | 0x3F800000
+    big = mb > 0x3FB504F3                                       # m > fp32(sqrt 2): m / 2, e + 1
+    mb = tl.where(big, mb - 0x800000, mb)
+    ef = tl.where(big, e + 1, e).to(tl.float32)
+    m = mb.to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(m - 1.0, m + 1.0)
+    z = s * s
+    p = z * 0.1818181872367859 + 0.2222222238779068
+    p = p * z + 0.2857142984867096
+    p = p * z + 0.4000000059604645
+    p = p * z + 0.6666666865348816
+    log_m = s * 2.0 + (s * z) * p
+    return ef * 0.693145751953125 + (ef * 1.428606765330187e-06 + log_m)
+
+
+@triton.jit
+def _sincos_2pi(w):
+    # (cos t, sin t), t = 2 pi (w >> 8) / 2^24: lorafast.philox.sincos_2pi_f32 (exact quadrant
+    # reduction on the integer, Taylor polynomials on [-pi/4, pi/4), same operation order)
+    kk = (w >> 8).to(tl.int32) + 0x200000
+    q = (kk >> 22) & 3
+    f = ((kk & 0x3FFFFF) - 0x200000).to(tl.float32) * 2.384185791015625e-07
+    f2 = f * f
+    ps = f2 * 0.00016044118092395365 + -0.004681753925979137
+    ps = ps * f2 + 0.07969262450933456
+    ps = ps * f2 + -0.6459640860557556
+    ps = ps * f2 + 1.5707963705062866
+    sn = ps * f
+    pc = f2 * 0.0009192602592520416 + -0.020863480865955353
+    pc = pc * f2 + 0.25366950035095215
+    pc = pc * f2 + -1.2337005138397217
+    cs = pc * f2 + 1.0
+    swap = (q & 1) == 1
+    cx = tl.where(swap, sn, cs)
+    sx = tl.where(swap, cs, sn)
+    return tl.where((q == 1) | (q == 2), -cx, cx), tl.where(q >= 2, -sx, sx)
+
+
+@triton.jit
 def _box_muller(wa, wb):
-    # u1 = 1 - u in (0, 1] (exact), r = sqrt(-2 ln u1) correctly rounded, t = fp32(2 pi) * u2
+    # lorafast.philox.box_muller: u1 = 1 - u in [2^-24, 1] (exact), r = sqrt(-2 log u1) correctly
+    # rounded; only integer ops, fp32 add/sub/mul, div_rn, sqrt_rn and no FMA (the launch passes
+    # enable_fp_fusion=False): bit-identical to the PyTorch path
     u1 = 1.0 - _to_uniform(wa)
-    r = tl.sqrt_rn(-2.0 * tl.log(u1))
-    t = 6.2831854820251465 * _to_uniform(wb)
-    return r * tl.cos(t), r * tl.sin(t)
+    r = tl.sqrt_rn(_log_f32(u1) * -2.0)
+    c, s = _sincos_2pi(wb)
+    return r * c, r * s
 
 
 @triton.jit
@@ -259,8 +310,9 @@ def rerandomize_launch(tensors, *, k0: int, k1: int, codes, shifts, scales, ids,
 def compile_configs():
     """The shipped configurations: Philox rounds 10 (default) and 7, aligned and unaligned lists,
     BLOCK_G=512 groups with 8 warps. Chosen from the compile gate, not timed (no GPU here): 2 groups
-    per thread needs 40-45 registers (aligned) / 63 (unaligned) and no stack on sm_90 and sm_80,
-    while 4 groups per thread (4 warps) took 64 registers plus an 8-byte stack frame on sm_90."""
+    per thread needs 30-33 registers (aligned) / 61 (unaligned) and no stack on sm_90 and sm_80
+    (with the bit-exact Box-Muller; 39-44 / 61-62 with libdevice log/cos/sin), while 4 groups per
+    thread (4 warps) took 64 registers plus an 8-byte stack frame on sm_90."""
     from lorafast.compile_gate import KernelConfig
 
     sig = {"meta_ptr": "*i64", "T": "i32", "k0": "i32", "k1": "i32", "BLOCK_G": "constexpr",

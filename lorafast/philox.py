@@ -35,27 +35,37 @@ Counter of an element
     block size, launch grid, or sharding: refilling a slice with its offset gives exactly that
     slice of the full refill.
 
-Words to floats (all in fp32; every step is exactly rounded, so the two paths agree bit for bit)
+Words to floats (all in fp32; every step is one IEEE round-to-nearest operation, so every path
+agrees bit for bit)
     uniform ``u = (w >> 8) * 2^-24`` in [0, 1): the top 24 bits, exact in fp32, never 1.0.
-    normal (Box-Muller on word pairs (w0, w1) -> elements 4g, 4g+1 and (w2, w3) -> 4g+2, 4g+3):
-    ``u1 = 1 - u(w_even)`` in (0, 1] (exact, never 0), ``u2 = u(w_odd)``,
-    ``r = sqrt(-2 * log(u1))``, ``t = 2pi_f32 * u2``, elements ``r * cos(t)``, ``r * sin(t)``.
-    The smallest u1 is 2^-24, so |z| <= sqrt(48 ln 2) = 5.77 (the tails beyond 5.77 sigma,
-    probability 8e-9, are cut, as in Triton's ``tl.randn``).
+    normal (Box-Muller on word pairs (w0, w1) -> elements 4g, 4g+1 and (w2, w3) -> 4g+2, 4g+3,
+    :func:`box_muller`): ``u1 = 1 - u(w_even)`` in [2^-24, 1] (exact, never 0),
+    ``r = sqrt(-2 log u1)``, ``t = 2 pi (w_odd >> 8) / 2^24``, elements ``r cos t``, ``r sin t``,
+    where log, cos and sin are lorafast's own fp32 functions (:func:`log_f32`,
+    :func:`sincos_2pi_f32`): exact splits on the integer bits (u1 = m 2^e; t = quadrant + a
+    remainder in [-pi/4, pi/4)), then fixed polynomials in Horner form. log is within 2e-7
+    relative, cos/sin within 1e-7 absolute of the true values (tested on all 2^24 inputs); the
+    normals are tested for moments and Kolmogorov-Smirnov against the normal CDF. The smallest u1
+    is 2^-24, so |z| <= sqrt(48 ln 2) = 5.77 (the tails beyond 5.77 sigma, probability 8e-9, are
+    cut, as in Triton's ``tl.randn``).
 
-Cross-device agreement
-    The 32-bit words and the uniforms are bit-exact on every device (integer arithmetic in int64
-    that never overflows, then exact fp32 operations). Normals go through log, sqrt, cos and sin:
-    sqrt is correctly rounded everywhere, but log/cos/sin come from each device's math library
-    (SLEEF or libm on CPU, libdevice on CUDA, numpy under the Triton interpreter), so normals agree
-    across devices within a few fp32 ulps, not bit for bit (measured: PyTorch CPU against the
-    Triton interpreter's numpy, 65536 normals: at most 4 ulps, |diff| <= 4.8e-7, 77% identical).
-    The float draws of uniform and kaiming-uniform laws and zeros are bit-exact.
+Cross-device agreement: bit-exact
+    Values are bit-identical on every device and in the Triton kernel: the words come from exact
+    integer arithmetic, and the floats use only integer ops, fp32 add/sub/mul, correctly rounded
+    fp32 division and square root, no fused multiply-add (the kernel launches with
+    ``enable_fp_fusion=False`` and uses ``tl.math.div_rn``/``tl.sqrt_rn``) and no subnormal
+    intermediate (flush-to-zero cannot change them). No math library's log/cos/sin is used.
+    ``torch.sqrt`` of fp32 is not correctly rounded on every CPU build (torch 2.13 CPU: 0.7% of
+    results one ulp off), hence :func:`sqrt_f32`; CPU tensors go through numpy float32
+    (:func:`box_muller_numpy`), other devices through ATen ops (:func:`box_muller`); both routes,
+    and the kernel under the Triton interpreter, are tested bit-equal. The values of normals
+    changed once, when this replaced torch.log/cos/sin (which agreed only within 4 ulps).
 
 Speed of this path (CPU: integer Philox in numpy uint64, float maps in ATen ops kept below its
-parallel grain size, see ``chunk_groups``): about 40-65 ms per million elements (uniform to
-normal), 240 ms for the 3.5M elements of two 768x2304 kaiming matrices and six biases, measured
-on a shared, busy 2-core machine. The Triton kernel is the fast path.
+parallel grain size, see ``chunk_groups``; Box-Muller in numpy float32): about 40-65 ms per
+million uniforms, about 65 ms per million normals (Box-Muller 39 ms of it; 56 and 30 ms when it
+used torch.log/cos/sin), 240 ms for the 3.5M elements of two 768x2304 kaiming matrices and six
+biases, measured on a shared, busy 2-core machine. The Triton kernel is the fast path.
 """
 from __future__ import annotations
 
@@ -67,7 +77,9 @@ import torch
 __all__ = [
     "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32", "chunk_groups",
     "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "philox4x32_numpy", "philox4x32_torch", "group_words",
-    "element_words", "words_to_uniform", "words_to_normal", "uniform", "normal",
+    "element_words", "words_to_uniform", "words_to_normal", "log_f32", "sincos_2pi_f32", "sqrt_f32",
+    "box_muller", "box_muller_numpy",
+    "uniform", "normal",
 ]
 
 M0 = 0xD2511F53
@@ -87,7 +99,18 @@ _INV_2_24 = 2.0 ** -24
 # slower. On GPUs, large chunks (few launches).
 CHUNK_GROUPS_CPU = 7 * 1024
 CHUNK_GROUPS_GPU = 1 << 20
-BOX_MULLER_GROUPS_CPU = 1 << 10
+BOX_MULLER_GROUPS_CPU = 8 * 1024
+
+# Box-Muller in basic fp32 operations (see box_muller): constants, all exact fp32 values
+LN2_HI = 0.693145751953125            # 0x3F317200: 16 significant bits, e * LN2_HI exact for |e| <= 128
+LN2_LO = 1.428606765330187e-06        # fp32(ln 2 - LN2_HI)
+_SQRT2_BITS = 0x3FB504F3              # fp32(sqrt 2)
+_ATANH = (0.6666666865348816, 0.4000000059604645, 0.2857142984867096, 0.2222222238779068,
+          0.1818181872367859)         # fp32(2 / (2n + 1)), n = 1..5: log m = 2s + s z (A3 + z (A5 + ...))
+_SIN = (1.5707963705062866, -0.6459640860557556, 0.07969262450933456, -0.004681753925979137,
+        0.00016044118092395365)       # fp32((-1)^n (pi/2)^(2n+1) / (2n+1)!), n = 0..4
+_COS = (-1.2337005138397217, 0.25366950035095215, -0.020863480865955353,
+        0.0009192602592520416)        # fp32((-1)^n (pi/2)^(2n) / (2n)!), n = 1..4
 
 
 def chunk_groups(device: torch.device | str) -> int:
@@ -251,26 +274,159 @@ def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
     return (words >> 8).to(torch.float32).mul_(_INV_2_24)
 
 
+def log_f32(u1: torch.Tensor) -> torch.Tensor:
+    """Natural log of fp32 ``u1`` in [2^-24, 1] in basic fp32 operations only (bit-reproducible).
+
+    ``u1 = m * 2^e`` split exactly on the bits, m in [sqrt(2)/2, sqrt(2)]; ``s = (m - 1) / (m + 1)``
+    (correctly rounded), ``log m = 2 atanh s`` by the series to s^11 in Horner form;
+    ``log u1 = e * LN2_HI + (e * LN2_LO + log m)`` (e * LN2_HI exact). Within 2e-7 relative of the
+    true log (tested on every input). Each operator below rounds once in fp32, in the kernel too.
+    """
+    bits = u1.view(torch.int32)
+    e = (bits >> 23) - 127
+    mb = (bits & 0x7FFFFF) | 0x3F800000
+    big = mb > _SQRT2_BITS                                     # m > sqrt(2): use m / 2, e + 1
+    mb = torch.where(big, mb - 0x800000, mb)
+    e = torch.where(big, e + 1, e).to(torch.float32)           # exact, |e| <= 24
+    m = mb.view(torch.float32)
+    s = (m - 1.0) / (m + 1.0)                                  # m - 1 exact
+    z = s * s
+    p = z * _ATANH[4] + _ATANH[3]
+    p = p * z + _ATANH[2]
+    p = p * z + _ATANH[1]
+    p = p * z + _ATANH[0]
+    log_m = s * 2.0 + (s * z) * p
+    return e * LN2_HI + (e * LN2_LO + log_m)
+
+
+def sincos_2pi_f32(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos t, sin t) of t = 2 pi k / 2^24 for integer ``k`` in [0, 2^24), in basic fp32 ops only.
+
+    Exact quadrant reduction on the integer: k = q * 2^22 + j, j in [-2^21, 2^21), t = q pi/2 +
+    (pi/2) f with f = j / 2^22 in [-1/2, 1/2) (exact); sin and cos of (pi/2) f by their Taylor
+    polynomials (to f^9 and f^8, Horner form), then the quadrant's swap and signs. Within 1e-7
+    absolute of the true values (tested on every input).
+    """
+    kk = k.to(torch.int32) + 0x200000
+    q = (kk >> 22) & 3
+    f = ((kk & 0x3FFFFF) - 0x200000).to(torch.float32) * 2.384185791015625e-07   # * 2^-22, exact
+    f2 = f * f
+    ps = f2 * _SIN[4] + _SIN[3]
+    ps = ps * f2 + _SIN[2]
+    ps = ps * f2 + _SIN[1]
+    ps = ps * f2 + _SIN[0]
+    sn = ps * f
+    pc = f2 * _COS[3] + _COS[2]
+    pc = pc * f2 + _COS[1]
+    pc = pc * f2 + _COS[0]
+    cs = pc * f2 + 1.0
+    swap = (q & 1) == 1                                        # q = 1: (-s, c); 2: (-c, -s); 3: (s, -c)
+    cx, sx = torch.where(swap, sn, cs), torch.where(swap, cs, sn)
+    return torch.where((q == 1) | (q == 2), -cx, cx), torch.where(q >= 2, -sx, sx)
+
+
+def sqrt_f32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root of fp32 ``x >= 0`` on every device.
+
+    ``torch.sqrt`` of fp32 is not correctly rounded on every CPU build (measured: torch 2.13 CPU,
+    AVX-512, 0.7% of results one ulp off, while CUDA's and numpy's are exact). So: a candidate y
+    from the fp64 root (within one fp32 ulp), then the exact rounding test — the midpoints
+    between y and its fp32 neighbours have 25 significant bits, their squares are exact in fp64,
+    and a midpoint's square is never an fp32 number (no ties).
+    """
+    xd = x.double()
+    y = xd.sqrt().float()
+    yd = y.double()
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    dn = torch.nextafter(y, torch.zeros_like(y))
+    mid_up = (yd + up.double()) * 0.5
+    mid_dn = (yd + dn.double()) * 0.5
+    y = torch.where(mid_up * mid_up < xd, up, y)
+    return torch.where((mid_dn * mid_dn > xd) & (y > 0), dn, y)
+
+
+def box_muller(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fp32 normals ``(r cos t, r sin t)`` of the word pairs ``(wa, wb)`` (int64 tensors).
+
+    ``u1 = 1 - u(wa)`` in [2^-24, 1] (exact), ``r = sqrt_f32(-2 log_f32(u1))`` (correctly rounded), ``(cos t, sin t) = sincos_2pi_f32(wb >> 8)``. Only integer ops, fp32 add/sub/mul,
+    correctly rounded division and sqrt, no fused multiply-add: the same bits on every device and
+    in the Triton kernel, which evaluates the same sequence of operations.
+    """
+    u1 = torch.sub(1.0, words_to_uniform(wa))
+    r = sqrt_f32(log_f32(u1) * -2.0)
+    c, s = sincos_2pi_f32(wb >> 8)
+    return r * c, r * s
+
+
+_F32 = np.float32
+
+
+def box_muller_numpy(wa: np.ndarray, wb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`box_muller` in numpy float32 (the CPU route; int64 word arrays in, fp32 out).
+
+    The same operations in the same order as :func:`log_f32`, :func:`sincos_2pi_f32` and
+    :func:`box_muller`; numpy's float32 add/sub/mul/divide/sqrt are IEEE correctly rounded and
+    unfused, so the bits equal the ATen route's (tested) at about half its CPU time.
+    """
+    u1 = _F32(1.0) - (wa >> 8).astype(np.float32) * _F32(_INV_2_24)
+    bits = u1.view(np.int32)                                    # log_f32
+    e = (bits >> 23) - 127
+    mb = (bits & 0x7FFFFF) | 0x3F800000
+    big = mb > _SQRT2_BITS
+    mb = np.where(big, mb - 0x800000, mb)
+    e = np.where(big, e + 1, e).astype(np.float32)
+    m = mb.view(np.float32)
+    s = (m - _F32(1.0)) / (m + _F32(1.0))
+    z = s * s
+    p = z * _F32(_ATANH[4]) + _F32(_ATANH[3])
+    p = p * z + _F32(_ATANH[2])
+    p = p * z + _F32(_ATANH[1])
+    p = p * z + _F32(_ATANH[0])
+    log_m = s * _F32(2.0) + (s * z) * p
+    log_u1 = e * _F32(LN2_HI) + (e * _F32(LN2_LO) + log_m)
+    r = np.sqrt(log_u1 * _F32(-2.0))
+    kk = (wb >> 8).astype(np.int32) + 0x200000                 # sincos_2pi_f32
+    q = (kk >> 22) & 3
+    f = ((kk & 0x3FFFFF) - 0x200000).astype(np.float32) * _F32(2.384185791015625e-07)
+    f2 = f * f
+    ps = f2 * _F32(_SIN[4]) + _F32(_SIN[3])
+    ps = ps * f2 + _F32(_SIN[2])
+    ps = ps * f2 + _F32(_SIN[1])
+    ps = ps * f2 + _F32(_SIN[0])
+    sn = ps * f
+    pc = f2 * _F32(_COS[3]) + _F32(_COS[2])
+    pc = pc * f2 + _F32(_COS[1])
+    pc = pc * f2 + _F32(_COS[0])
+    cs = pc * f2 + _F32(1.0)
+    swap = (q & 1) == 1
+    cx, sx = np.where(swap, sn, cs), np.where(swap, cs, sn)
+    c, sn = np.where((q == 1) | (q == 2), -cx, cx), np.where(q >= 2, -sx, sx)
+    return r * c, r * sn
+
+
 def words_to_normal(words: torch.Tensor) -> torch.Tensor:
     """fp32 standard normals from int64 words ``[G, 4]`` (whole groups): Box-Muller per pair.
 
     Pair p of group g (words 2p, 2p+1) gives elements 4g+2p (r cos t) and 4g+2p+1 (r sin t).
+    CPU tensors go through :func:`box_muller_numpy`, others through :func:`box_muller` (ATen);
+    both give the same bits (tested), and so does the Triton kernel.
     """
     if words.dim() != 2 or words.shape[1] != 4:
         raise ValueError(f"words must have shape [G, 4], got {tuple(words.shape)}")
-    out = torch.empty(words.shape, dtype=torch.float32, device=words.device)
-    # On CPU, ATen runs log/sqrt/cos/sin of >= 4096 elements on its thread pool: slices of
-    # BOX_MULLER_GROUPS_CPU groups (2048 pairs) keep them on the calling thread (see chunk_groups).
-    step = BOX_MULLER_GROUPS_CPU if words.device.type == "cpu" else max(1, words.shape[0])
-    for s in range(0, words.shape[0], step):
-        u = words_to_uniform(words[s:s + step]).view(-1, 2, 2)      # [G, pair, (u1 word, u2 word)]
-        u1 = torch.sub(1.0, u[..., 0])                              # (0, 1], exact
-        r = torch.log(u1).mul_(-2.0).sqrt_()
-        t = u[..., 1].mul(TWO_PI_F32)
-        o = out[s:s + step].view(-1, 2, 2)
-        torch.mul(r, torch.cos(t), out=o[..., 0])
-        torch.mul(r, torch.sin(t), out=o[..., 1])
-    return out
+    if words.device.type != "cpu":
+        w = words.view(-1, 2, 2)                                  # [G, pair, (u1 word, u2 word)]
+        out = torch.empty(words.shape, dtype=torch.float32, device=words.device)
+        o = out.view(-1, 2, 2)
+        o[..., 0], o[..., 1] = box_muller(w[..., 0], w[..., 1])
+        return out
+    wn = words.contiguous().numpy().reshape(-1, 2, 2)
+    out = np.empty(wn.shape, dtype=np.float32)
+    # slices of BOX_MULLER_GROUPS_CPU groups: temporaries stay in cache
+    for s in range(0, wn.shape[0], BOX_MULLER_GROUPS_CPU):
+        w = wn[s:s + BOX_MULLER_GROUPS_CPU]
+        o = out[s:s + BOX_MULLER_GROUPS_CPU]
+        o[..., 0], o[..., 1] = box_muller_numpy(w[..., 0], w[..., 1])
+    return torch.from_numpy(out.reshape(-1, 4))
 
 
 def uniform(offset: int, numel: int, *, key: tuple[int, int], stream: int,

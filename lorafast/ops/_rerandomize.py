@@ -4,7 +4,7 @@ The values are defined by :mod:`lorafast.philox` (generator, key, counter layout
 and :mod:`lorafast.init_laws` (law -> fp32 affine map). ``impl="torch"`` computes them with integer
 PyTorch ops on the tensors' own device; ``impl="triton"`` refills every tensor of the list in ONE
 launch of ``lorafast.kernels.rerandomize`` (imported lazily: this module needs no triton). Both give
-the same uniform bits and floats; normals agree within a few fp32 ulps (see :mod:`lorafast.philox`).
+the same bits for every law, normals included (see :mod:`lorafast.philox`).
 """
 from __future__ import annotations
 
