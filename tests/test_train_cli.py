@@ -1,5 +1,6 @@
 """Training loop, checkpoints, corpus and the ``lorafast`` CLI (small, fast runs on CPU)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -130,3 +131,13 @@ def test_cli_train_and_generate(tmp_path):
     assert bad.returncode != 0 and "nope" in bad.stderr
     missing = _cli("generate", "--checkpoint", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_dtypes_train(tmp_path, dtype):
+    # The accelerated model (kernels under the interpreter) under CPU autocast; fp16 adds a GradScaler.
+    cfg = TrainConfig(out=str(tmp_path), dtype=dtype, **{**TINY, "steps": 12, "eval_every": 12, "reference": False,
+                                                         "lr": 1e-2})
+    s = train(cfg)
+    vals = [v for _, v in s["val_losses"]]
+    assert all(math.isfinite(v) for v in vals) and vals[-1] < vals[0] - 0.3, vals
