@@ -20,7 +20,6 @@ kernel, to re-tune ``_GPU_TILES``; candidates must then still pass the compile g
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 from typing import Any, Callable
 
@@ -222,22 +221,14 @@ def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lorafast.bench.attention", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--full", action="store_true", help="all sequence lengths and head dims")
-    p.add_argument("--save", default="", help="append the records to this jsonl file")
+    p = common.suite_parser("attention", __doc__, "all sequence lengths and head dims")
     p.add_argument("--tune", action="store_true", help="time candidate tiles per kernel (CUDA)")
     p.add_argument("--D", type=int, default=128, help="head dim for --tune")
     args = p.parse_args(argv)
-    env = common.env_record(args.device)
     if args.tune:
-        records = tune(args.device, D=args.D)
-        common.report(records, f"attention tiles on {env['device']} (commit {env['commit']})")
+        common.finish(tune(args.device, D=args.D), args.device, "attention tiles", args.save)
     else:
-        records = run(args.device, quick=not args.full)
-        common.report(records, f"attention on {env['device']} (commit {env['commit']})")
-    if args.save:
-        common.save(records, args.save, env)
+        common.finish(run(args.device, quick=not args.full), args.device, "attention", args.save)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,27 @@ def save(records: list[dict[str, Any]], path: str, env: dict[str, Any] | None = 
             f.write(json.dumps({**env, **r}) + "\n")
 
 
+def suite_parser(module: str, doc: str, full_help: str):
+    """The command-line parser every suite shares: --device, --full, --save."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(prog=f"python -m lorafast.bench.{module}", description=doc.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--full", action="store_true", help=full_help)
+    p.add_argument("--save", default="", help="append the records to this jsonl file")
+    return p
+
+
+def finish(records: list[dict[str, Any]], device: str, title: str, save_to: str = "") -> None:
+    """Print the records under a title naming device and commit; append them to ``save_to``."""
+    env = env_record(device)
+    report(records, f"{title} on {env['device']} (commit {env['commit']})")
+    if save_to:
+        save(records, save_to, env)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--peak-rss":
         print(_cpu_peak_in_this_process(sys.argv[2], json.loads(sys.argv[3])))

@@ -14,7 +14,6 @@ growth of a fresh subprocess, one thread). ``python -m lorafast.bench.linear_ce 
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Callable
 
 import torch
@@ -165,10 +164,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lorafast.bench.linear_ce", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--full", action="store_true", help="all shapes and providers (CPU: adds torch.compile)")
-    p.add_argument("--save", default="", help="append the records to this jsonl file")
+    p = common.suite_parser("linear_ce", __doc__, "all shapes and providers (CPU: adds torch.compile)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU: torch.set_num_threads for the timing runs (0: leave the default); on a "
                         "shared machine, 1 avoids OpenMP barrier stalls that hit the many small ops of the "
@@ -176,11 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = run(args.device, quick=not args.full)
-    env = common.env_record(args.device)
-    common.report(records, f"linear_ce on {env['device']} (commit {env['commit']})")
-    if args.save:
-        common.save(records, args.save, env)
+    common.finish(run(args.device, quick=not args.full), args.device, "linear_ce", args.save)
 
 
 if __name__ == "__main__":

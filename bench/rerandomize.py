@@ -19,7 +19,6 @@ is GB/s over the copy's GB/s (the issue's goal on H200: >= 0.9 on large tensors)
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any, Callable
 
@@ -143,16 +142,9 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lorafast.bench.rerandomize", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--full", action="store_true", help="more sizes (CPU: adds the full GPT-2-small local set)")
-    p.add_argument("--save", default="", help="append the records to this jsonl file")
+    p = common.suite_parser("rerandomize", __doc__, "more sizes (CPU: adds the full GPT-2-small local set)")
     args = p.parse_args(argv)
-    records = run(args.device, quick=not args.full)
-    env = common.env_record(args.device)
-    common.report(records, f"rerandomize_ on {env['device']} (commit {env['commit']})")
-    if args.save:
-        common.save(records, args.save, env)
+    common.finish(run(args.device, quick=not args.full), args.device, "rerandomize_", args.save)
 
 
 if __name__ == "__main__":

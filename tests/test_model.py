@@ -6,7 +6,6 @@ Tolerances (fp32): logits and loss rtol 1e-4 / atol 1e-5; gradients atol 1e-4 re
 their scale; 20-step training losses relative 1e-4 — the kernels accumulate in fp32 in another
 order than PyTorch. Local draws are bit-identical between the kernel and the PyTorch path.
 """
-import os
 
 import pytest
 import torch

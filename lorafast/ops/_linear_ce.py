@@ -22,7 +22,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ._dispatch import interpreter_enabled, resolve_impl
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from lorafast import philox
-from lorafast.init_laws import LAW_NORMAL, LAW_UNIFORM, LAW_ZEROS, LAWS
+from lorafast.init_laws import LAW_NORMAL, LAW_ZEROS, LAWS
 from lorafast.ops._dispatch import resolve_impl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
