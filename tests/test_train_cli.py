@@ -141,3 +141,17 @@ def test_autocast_dtypes_train(tmp_path, dtype):
     s = train(cfg)
     vals = [v for _, v in s["val_losses"]]
     assert all(math.isfinite(v) for v in vals) and vals[-1] < vals[0] - 0.3, vals
+
+
+def test_bench_cli_records(tmp_path):
+    # Smoke run of two suites on CPU: every record carries the environment and real numbers.
+    out = tmp_path / "bench.jsonl"
+    r = _cli("bench", "rerandomize", "model", "--device", "cpu", "--save", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(line) for line in open(out)]
+    assert {r["suite"] for r in recs} == {"rerandomize", "model"}
+    for rec in recs:
+        assert {"device", "torch", "commit", "time"} <= set(rec)
+        assert rec["ms"] > 0, rec
+    steps = {r["provider"]: r for r in recs if r["suite"] == "model"}
+    assert set(steps) == {"eager", "eager-sdpa", "lorafast"} and steps["lorafast"]["tokens_per_s"] > 0
