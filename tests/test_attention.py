@@ -30,8 +30,23 @@ def _math(q, k, v, causal, scale=None):
     s = D ** -0.5 if scale is None else scale
     S = (q @ k.transpose(-1, -2)) * s                                  # [B, H, TQ, TK]
     if causal:
-        S = S.masked_fill(torch.ones(TQ, TK, dtype=torch.bool).triu(TK - TQ + 1), float("-inf"))
+        S = S.masked_fill(torch.ones(TQ, TK, dtype=torch.bool, device=q.device).triu(TK - TQ + 1), float("-inf"))
     return S.softmax(-1) @ v                                           # [B, H, TQ, D]
+
+
+def _assert_flash_rule(q, k, v, do, out, grads, causal, dtype):
+    """FlashAttention rule: max error of ours against fp64 <= 2 x that of the same math in
+    ``dtype`` + ATOL, for out, dq, dk, dv."""
+    def ref(prec):
+        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
+        o = _math(*xs, causal)
+        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
+
+    truth, same = ref(torch.float64), ref(dtype)
+    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
+        e_ours, where = _err(ours, gt)
+        e_pt, _ = _err(pt, gt)
+        assert e_ours <= 2 * e_pt + ATOL[dtype], f"{name}: {e_ours:.3g} at {where} vs pt {e_pt:.3g}"
 
 
 def _make(B, H, T, D, dtype, layout, seed=0, TK=None):
@@ -340,21 +355,7 @@ def test_cuda_matches_fp64(T, D, causal, dtype):
     do = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype)
     out = attention(q, k, v, causal=causal)
     grads = torch.autograd.grad(out, (q, k, v), do)
-
-    def ref(prec):
-        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
-        D_, T_ = xs[0].shape[-1], xs[0].shape[-2]
-        S = (xs[0] @ xs[1].transpose(-1, -2)) * D_ ** -0.5
-        if causal:
-            S = S.masked_fill(torch.ones(T_, T_, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-        o = S.softmax(-1) @ xs[2]
-        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
-
-    truth, same = ref(torch.float64), ref(dtype)
-    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
-        e_ours, where = _err(ours, gt)
-        e_pt, _ = _err(pt, gt)
-        assert e_ours <= 2 * e_pt + ATOL[dtype], f"{name}: {e_ours:.3g} at {where} vs pt {e_pt:.3g}"
+    _assert_flash_rule(q, k, v, do, out, grads, causal, dtype)
 
 
 @pytest.mark.cuda
@@ -372,21 +373,7 @@ def test_cuda_query_length_differs(TQ, TK, D, causal, dtype):
     do = torch.randn(B, H, TQ, D, device="cuda", generator=g).to(dtype)
     out = attention(q, k, v, causal=causal)
     grads = torch.autograd.grad(out, (q, k, v), do)
-
-    def ref(prec):
-        xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
-        S = (xs[0] @ xs[1].transpose(-1, -2)) * D ** -0.5
-        if causal:
-            S = S.masked_fill(torch.ones(TQ, TK, dtype=torch.bool, device="cuda").triu(TK - TQ + 1),
-                              float("-inf"))
-        o = S.softmax(-1) @ xs[2]
-        return (o, *torch.autograd.grad(o, xs, do.to(prec)))
-
-    truth, same = ref(torch.float64), ref(dtype)
-    for name, ours, pt, gt in zip(("out", "dq", "dk", "dv"), (out, *grads), same, truth):
-        e_ours, where = _err(ours, gt)
-        e_pt, _ = _err(pt, gt)
-        assert e_ours <= 2 * e_pt + ATOL[dtype], f"{name}: {e_ours:.3g} at {where} vs pt {e_pt:.3g}"
+    _assert_flash_rule(q, k, v, do, out, grads, causal, dtype)
 
 
 @pytest.mark.cuda
