@@ -53,6 +53,14 @@ LOG2E = 1.4426950408889634
 # Small helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _rows(ptr, b, h, row0, loc, offs_d, stride_b, stride_h, stride_t, stride_d):
+    """Addresses of the [len(loc), BLOCK_D] tile of rows row0 + loc of head (b, h): the base
+    (b, h, row0 are int64) carries the large offsets; in-tile offsets stay 32-bit."""
+    return (ptr + b * stride_b + h * stride_h + row0 * stride_t
+            + loc[:, None] * stride_t + offs_d[None, :] * stride_d)
+
+
+@triton.jit
 def _load(ptrs, mask, HAS_MASK: tl.constexpr):
     """Load a tile; masked lanes read 0 (the identity of the dot products they feed)."""
     if HAS_MASK:
@@ -157,8 +165,7 @@ def _attn_fwd_kernel(
     OFF = TK - TQ  # shift of the causal diagonal (bottom-right alignment)
 
     # int64 bases: b * stride_b and start_m * stride_t can pass 2**31; in-tile offsets stay int32
-    q_ptrs = (q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qt
-              + loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    q_ptrs = _rows(q_ptr, b, h, start_m.to(tl.int64), loc_m, offs_d, stride_qb, stride_qh, stride_qt, stride_qd)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     kt_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd   # K^T tile [BLOCK_D, BLOCK_N]
@@ -195,8 +202,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     lse = m_i + tl.math.log2(l_i)  # log2 units: P = exp2(qk_scale * q.k - lse)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * TQ + offs_m, lse, mask=m_mask)
-    o_ptrs = (o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_ot
-              + loc_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    o_ptrs = _rows(o_ptr, b, h, start_m.to(tl.int64), loc_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od)
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -232,10 +238,10 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row0 = start_m.to(tl.int64)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + row0 * stride_ot
-                + loc_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row0 * stride_dot
-                 + loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    o = tl.load(_rows(o_ptr, b, h, row0, loc_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od),
+                mask=mask, other=0.0)
+    do = tl.load(_rows(do_ptr, b, h, row0, loc_m, offs_d, stride_dob, stride_doh, stride_dot, stride_dod),
+                 mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -329,10 +335,10 @@ def _attn_bwd_dkdv_kernel(
     kv_mask = n_mask[:, None] & d_mask[None, :]
     row_n = start_n.to(tl.int64)
 
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + row_n * stride_kt
-                + loc_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + row_n * stride_vt
-                + loc_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(_rows(k_ptr, b, h, row_n, loc_n, offs_d, stride_kb, stride_kh, stride_kt, stride_kd),
+                mask=kv_mask, other=0.0)
+    v = tl.load(_rows(v_ptr, b, h, row_n, loc_n, offs_d, stride_vb, stride_vh, stride_vt, stride_vd),
+                mask=kv_mask, other=0.0)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -380,11 +386,9 @@ def _attn_bwd_dkdv_kernel(
         EVEN_D=EVEN_D, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
 
     dk = dk * sm_scale  # dK = s * dS^T Q (the scale of S = s q k^T)
-    tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + row_n * stride_dkt
-             + loc_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+    tl.store(_rows(dk_ptr, b, h, row_n, loc_n, offs_d, stride_dkb, stride_dkh, stride_dkt, stride_dkd),
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + row_n * stride_dvt
-             + loc_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+    tl.store(_rows(dv_ptr, b, h, row_n, loc_n, offs_d, stride_dvb, stride_dvh, stride_dvt, stride_dvd),
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -474,10 +478,10 @@ def _attn_bwd_dq_kernel(
     qd_mask = m_mask[:, None] & d_mask[None, :]
     row_m = start_m.to(tl.int64)
 
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row_m * stride_qt
-                + loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + row_m * stride_dot
-                 + loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    q = tl.load(_rows(q_ptr, b, h, row_m, loc_m, offs_d, stride_qb, stride_qh, stride_qt, stride_qd),
+                mask=qd_mask, other=0.0)
+    do = tl.load(_rows(do_ptr, b, h, row_m, loc_m, offs_d, stride_dob, stride_doh, stride_dot, stride_dod),
+                 mask=qd_mask, other=0.0)
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * TQ + offs_m, mask=m_mask, other=0.0)
     if DOT_F32:
@@ -511,8 +515,7 @@ def _attn_bwd_dq_kernel(
         DOT_PREC=DOT_PREC, DOT_F32=DOT_F32)
 
     dq = dq * sm_scale  # dQ = s * dS K
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + row_m * stride_dqt
-             + loc_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+    tl.store(_rows(dq_ptr, b, h, row_m, loc_m, offs_d, stride_dqb, stride_dqh, stride_dqt, stride_dqd),
              dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
