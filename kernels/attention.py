@@ -40,11 +40,12 @@ axis 1). Tested under the Triton interpreter on CPU
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import TL_DTYPE, KernelConfig
 
 LOG2E = 1.4426950408889634
 
@@ -570,10 +571,6 @@ _INTERPRET_TILES = AttentionTiles(fwd=Tile(32, 16, 1, 1), preprocess=Tile(32, 0,
                                   dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -606,10 +603,6 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
 def _check_tiles(t: AttentionTiles) -> None:
     if t.fwd.block_m % t.fwd.block_n or t.dq.block_m % t.dq.block_n or t.dkdv.block_n % t.dkdv.block_m:
         raise ValueError(f"attention tiles must nest (fwd/dq BLOCK_M % BLOCK_N, dkdv BLOCK_N % BLOCK_M): {t}")
-
-
-def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(x.stride())  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,9 +687,6 @@ def _named(prefix: str, x: torch.Tensor) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Compile gate
 # --------------------------------------------------------------------------------------------
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
     sig = {}
     for name in fn.arg_names:
@@ -719,8 +709,6 @@ def compile_configs():
     stride over D, which Triton specialises to a constant; other strides divisible by 16),
     output and gradients in [B, T, H, D] memory.
     """
-    from lorafast.compile_gate import KernelConfig
-
     out = []
 
     def add(name, fn, dtype, constexprs, tile, needs_mma, archs):
@@ -740,7 +728,7 @@ def compile_configs():
     # (D, dtype, causal): both head-dim buckets, a padded head dim, both 16-bit dtypes, both flags
     cases = [(128, torch.bfloat16, True), (64, torch.bfloat16, True), (80, torch.float16, False)]
     for D, dtype, causal in cases:
-        dt = _TL_DTYPE[dtype]
+        dt = TL_DTYPE[dtype]
         tag = f"d{D}_{dt}_{'causal' if causal else 'full'}"
         base = dict(HEAD_DIM=D, BLOCK_D=block_d(D), IS_CAUSAL=causal, DOT_PREC="tf32", DOT_F32=False)
         for kind, fn in kernels:

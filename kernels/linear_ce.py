@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TL_DTYPE, KernelConfig
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -390,12 +392,9 @@ def compile_configs():
     "tf32x3" spilled on sm_80 at 64x64), listed with needs_mma=False so the gate still checks
     their registers and shared memory.
     """
-    from lorafast.compile_gate import KernelConfig
-
-    T = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     out = []
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        t = T[dt]
+        t = TL_DTYPE[dt]
         mma = dt != torch.float32
         prec = _precision(dt)
         # bias / no bias on bf16; fp16 (same code, other element type) and fp32 with bias only

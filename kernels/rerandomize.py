@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import KernelConfig
+
 META_W = 8                     # int64 columns per tensor in the metadata table
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_G = 512                  # groups of 4 elements per program (2048 elements)
@@ -313,8 +315,6 @@ def compile_configs():
     per thread needs 30-33 registers (aligned) / 61 (unaligned) and no stack on sm_90 and sm_80
     (with the bit-exact Box-Muller; 39-44 / 61-62 with libdevice log/cos/sin), while 4 groups per
     thread (4 warps) took 64 registers plus an 8-byte stack frame on sm_90."""
-    from lorafast.compile_gate import KernelConfig
-
     sig = {"meta_ptr": "*i64", "T": "i32", "k0": "i32", "k1": "i32", "BLOCK_G": "constexpr",
            "ROUNDS": "constexpr", "ALIGNED": "constexpr", "META_W": "constexpr"}
     out = []

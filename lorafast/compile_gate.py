@@ -9,8 +9,9 @@ needed — and reads the cubin with the ``cuobjdump`` bundled in triton's NVIDIA
 * shared memory: dynamic (from the compile metadata) plus static, against the target's limit,
 * tensor-core instructions in the SASS: HGMMA (Hopper wgmma) and HMMA (Ampere mma.sync).
 
-Kernel modules in :mod:`lorafast.kernels` declare what they ship by exposing a function
-``compile_configs() -> list[KernelConfig]``. ``python -m lorafast.compile_gate`` (and the
+Every public module of :mod:`lorafast.kernels` (found by walking the package, so a new module
+cannot be missed) declares what it ships with ``compile_configs() -> list[KernelConfig]``
+(:class:`lorafast.kernels.KernelConfig`); a module that declares none fails the gate. ``python -m lorafast.compile_gate`` (and the
 static part of ``lorafast bench``) prints the report as a table; ``tests/test_compile_gate.py``
 asserts on it.
 """
@@ -19,43 +20,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
-from typing import Any, Callable
+
+from lorafast.kernels import KernelConfig, interpreting
 
 # Largest opt-in dynamic shared memory per block, in bytes (CUDA programming guide, table of
 # compute capabilities): 227 KB on sm_90, 163 KB on sm_80.
 MAX_SHARED = {90: 232448, 80: 166912}
-
-KERNEL_MODULES = ("attention", "linear_ce", "rerandomize")
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """One configuration of one kernel, as it is launched.
-
-    ``signature`` maps every argument name to a Triton type string ("*fp16", "i32", "fp32",
-    "constexpr", ...); ``constexprs`` gives the value of each constexpr argument;
-    ``aligned`` names the pointer/int arguments that the launcher guarantees divisible by 16
-    (what Triton's launch-time specialisation would see for contiguous tensors).
-    ``needs_mma``: its main loop must run on tensor cores (HGMMA on sm_90, HMMA on sm_80).
-    ``allow_spills``: set only with a comment at the declaration saying why a spill is accepted.
-    ``options``: compile options the launcher passes besides warps and stages (e.g.
-    ``enable_fp_fusion=False``), so that the gate builds the binary that is launched.
-    """
-
-    name: str
-    fn: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 3
-    aligned: tuple[str, ...] = ()
-    needs_mma: bool = False
-    allow_spills: bool = False
-    archs: tuple[int, ...] = (90, 80)
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # further compile options, as launched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,19 +118,28 @@ def compile_config(cfg: KernelConfig, arch: int) -> CompileReport:
         needs_mma=cfg.needs_mma, allow_spills=cfg.allow_spills)
 
 
-def shipped_configs(modules: tuple[str, ...] = KERNEL_MODULES) -> list[KernelConfig]:
-    """Every configuration that the kernel modules declare through ``compile_configs()``."""
+def kernel_modules() -> list[str]:
+    """Names of the public modules of :mod:`lorafast.kernels`, found by walking the package."""
+    import lorafast.kernels as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def shipped_configs(modules: list[str] | None = None) -> list[KernelConfig]:
+    """Every configuration that the kernel modules declare through ``compile_configs()``.
+
+    Raises RuntimeError for a kernel module that declares no configuration (no
+    ``compile_configs`` or an empty list): such a module would never be gated.
+    """
     out: list[KernelConfig] = []
-    for mod in modules:
-        try:
-            m = importlib.import_module(f"lorafast.kernels.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name == f"lorafast.kernels.{mod}":
-                continue
-            raise
-        fn: Callable[[], list[KernelConfig]] | None = getattr(m, "compile_configs", None)
-        if fn is not None:
-            out.extend(fn())
+    for mod in kernel_modules() if modules is None else modules:
+        m = importlib.import_module(f"lorafast.kernels.{mod}")
+        fn = getattr(m, "compile_configs", None)
+        configs = list(fn()) if fn is not None else []
+        if not configs:
+            raise RuntimeError(f"lorafast.kernels.{mod} declares no compile configuration: give it a "
+                               "compile_configs() that lists every configuration its launchers use")
+        out.extend(configs)
     return out
 
 
@@ -205,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--json", action="store_true", help="print the reports as a JSON list")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         p.error("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     configs = [c for c in shipped_configs() if args.filter in c.name]
     reports = run_gate(configs, jobs=args.jobs)

@@ -46,6 +46,42 @@ def test_every_kernel_module_ships_configs():
     assert len(CONFIGS) >= 10, modules
 
 
+def test_gate_discovers_kernel_modules_and_rejects_one_without_configs(tmp_path, monkeypatch):
+    import lorafast.kernels as pkg
+    from lorafast import compile_gate
+
+    here = os.path.dirname(pkg.__file__)
+    on_disk = {f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_")}
+    assert set(compile_gate.kernel_modules()) == on_disk
+    (tmp_path / "newkernel.py").write_text("X = 1\n")  # a kernel module that forgot compile_configs
+    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "lorafast.kernels.newkernel", raising=False)
+    assert "newkernel" in compile_gate.kernel_modules()
+    with pytest.raises(RuntimeError, match="newkernel declares no compile configuration"):
+        compile_gate.shipped_configs()
+    sys.modules.pop("lorafast.kernels.newkernel", None)
+
+
+def test_kernel_package_imports_only_torch_and_triton():
+    import ast
+
+    import lorafast.kernels as pkg
+
+    here = os.path.dirname(pkg.__file__)
+    for f in sorted(os.listdir(here)):
+        if not f.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(here, f)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert not roots & {"lorafast", "numpy"}, f"kernels/{f} imports {roots}"
+
+
 def test_gate_catches_problems(tmp_path):
     # The gate must be able to fail: a kernel declared tensor-core without a dot fails, one with a
     # dot passes (real compiles); spills and shared memory over the limit fail (report logic).

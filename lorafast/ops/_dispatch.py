@@ -7,9 +7,10 @@ backend that cannot run raises; nothing falls back silently.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from lorafast.kernels import interpreting
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -21,9 +22,7 @@ def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreter_enabled = interpreting  # True when Triton kernels run in the CPU interpreter
 
 
 def triton_can_run(*tensors: torch.Tensor) -> bool:
