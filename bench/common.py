@@ -97,6 +97,30 @@ def time_fn(fn: Callable[[], Any], device: str = "cpu", *, grad_to_none: Iterabl
     return {"ms": q(0.5), "ms_p20": q(0.2), "ms_p80": q(0.8)}
 
 
+# Roofline peaks of the H200 SXM (the GPU this project is tuned for): dense bf16/fp16 tensor-core
+# throughput as measured on this project's H200 (about 790 TFLOP/s; the datasheet says 989), and
+# HBM3e bandwidth from the datasheet (4.8 TB/s).
+PEAK_TFLOPS = 790.0
+PEAK_GBPS = 4800.0
+
+
+def roofline(flops: float, bytes_moved: float, ms: float | None, device: str = "cpu") -> dict[str, Any]:
+    """Roofline fields of one timed call: its FLOPs and bytes moved, the achieved TFLOP/s and
+    GB/s, and on CUDA the fractions of the H200's peaks (``PEAK_TFLOPS``, ``PEAK_GBPS``).
+
+    ``flops``: floating-point operations per call (a multiply-add counts 2); ``bytes_moved``:
+    bytes read plus written in device memory per call, at least once each; ``ms``: median time.
+    """
+    rec: dict[str, Any] = {"flops": float(flops), "bytes": float(bytes_moved)}
+    if ms:
+        rec["TFLOP/s"] = flops / ms / 1e9
+        rec["GB/s"] = bytes_moved / ms / 1e6
+        if device.startswith("cuda"):
+            rec["frac_peak_flops"] = rec["TFLOP/s"] / PEAK_TFLOPS
+            rec["frac_peak_bw"] = rec["GB/s"] / PEAK_GBPS
+    return rec
+
+
 def _resolve(factory: str) -> Callable[..., Callable[[], Any]]:
     mod, _, name = factory.partition(":")
     return getattr(importlib.import_module(mod), name or "setup")

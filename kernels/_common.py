@@ -31,6 +31,11 @@ class KernelConfig:
     ``allow_spills``: set only with a comment at the declaration saying why a spill is accepted.
     ``options``: compile options the launcher passes besides warps and stages (e.g.
     ``enable_fp_fusion=False``), so that the gate builds the binary that is launched.
+    ``exp2_per_iteration``: the ``exp2`` (SASS ``MUFU.EX2``) one thread needs per main-loop
+    iteration for the tile (elements of the tile that take an exp2, divided by the threads of
+    the program, plus per-row rescales); None for kernels without a softmax. The static report
+    compares the binary against it, so that duplicated work (two warpgroups computing the same
+    tile) fails the gate.
     """
 
     name: str
@@ -44,3 +49,4 @@ class KernelConfig:
     allow_spills: bool = False
     archs: tuple[int, ...] = (90, 80)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # further compile options, as launched
+    exp2_per_iteration: int | None = None
