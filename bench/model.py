@@ -1,7 +1,7 @@
 """End-to-end training step: the accelerated model against the reference.
 
-One step = ``reset_local_`` + loss + backward + AdamW update, the loop of ``lorafast train``.
-Providers:
+One step = :func:`lorafast.train.train_step`, the function the loop of ``lorafast train`` runs:
+redraw the local tensors, loss, backward, AdamW update, no host sync. Providers:
 
 * ``eager``: ``lorafast.reference.LoRA`` as written (explicit attention math);
 * ``eager-sdpa``: the reference with ``scaled_dot_product_attention`` in place of the explicit math;
@@ -18,59 +18,48 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorafast import reference
 from lorafast.bench.common import peak_memory, time_fn
+from lorafast.config import DEFAULT_PRESET, DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class SDPAAttention(reference.CausalSelfAttention):
+    """The reference's attention with ``scaled_dot_product_attention`` for the explicit math."""
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _sdpa_reference(kw: dict[str, Any]):
-    from lorafast import reference
+class SDPAReference(reference.LoRA):
+    """The reference model on SDPA attention: the baseline a PyTorch user would write."""
 
-    class SDPAAttention(reference.CausalSelfAttention):
-        def attend(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    m = reference.LoRA(**kw)
-    for mod in m.modules():
-        if type(mod) is reference.CausalSelfAttention:
-            mod.__class__ = SDPAAttention
-    return m
+    attention_class = SDPAAttention
 
 
 def setup(provider: str, V: int, E: int, H: int, L: int, B: int, T: int, dtype: str = "float32",
-          device: str = "cpu", preset: str = "ffn-alt", warm: bool = True):
+          device: str = "cpu", preset: str = DEFAULT_PRESET, warm: bool = True):
     """One training step of ``provider`` on a [B, T] batch, as a zero-argument callable.
 
     ``warm``: run one step first (compiles, optimizer state). The memory run passes False, so that
     the measured step's activations, gradients and optimizer state are new allocations."""
     import lorafast
-    from lorafast import reference
+    from lorafast.train import train_step
 
     kw = dict(vocab_size=V, embedding_dim=E, hidden_dim=H, num_layers=L, max_seq_len=T, local=preset)
-    if provider == "eager":
-        model = reference.LoRA(**kw)
-    elif provider in ("eager-sdpa", "compile-sdpa"):
-        model = _sdpa_reference(kw)
-    elif provider == "lorafast":
-        model = lorafast.LoRA(**kw)
-    else:
-        raise ValueError(f"unknown provider {provider!r}")
-    model = model.to(device=device, dtype=DTYPES[dtype])
+    classes = {"eager": reference.LoRA, "eager-sdpa": SDPAReference, "compile-sdpa": SDPAReference,
+               "lorafast": lorafast.LoRA}
+    if provider not in classes:
+        raise ValueError(f"unknown provider {provider!r}; known: {sorted(classes)}")
+    model = classes[provider](**kw).to(device=device, dtype=DTYPES[dtype])
+    if provider == "compile-sdpa":
+        model.loss_unchecked = torch.compile(model.loss_unchecked)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.startswith("cuda"))
-    # Validation (host syncs) is outside the measured step for every provider, as it would break
-    # torch.compile's graph: each step runs the unchecked loss on ids validated once here.
-    loss_fn = torch.compile(model.loss_unchecked) if provider == "compile-sdpa" else model.loss_unchecked
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, V, (B, T + 1), generator=gen).to(device)
-    model.loss(x)  # validates the ids once
+    x = torch.randint(0, V, (B, T + 1), generator=gen).to(device)  # in range by construction: no validation needed
     state = {"step": 0}
 
     def step() -> None:
-        model.reset_local_(state["step"], optimizer=opt)
-        loss = loss_fn(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x[:, :-1], x[:, 1:], state["step"], 1e-4)
         state["step"] += 1
 
     if warm:

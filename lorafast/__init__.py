@@ -4,7 +4,8 @@
 every batch), not low-rank adaptation. ``lorafast.LoRA`` is the accelerated model, a drop-in for
 the pure-PyTorch reference ``lorafast.reference.LoRA``.
 """
-from lorafast.config import PRESETS, LocalConfig, LocalRule, ModelConfig
+from lorafast.config import ModelConfig
+from lorafast.local import PRESETS, LocalConfig, LocalRule
 from lorafast.model import LoRA, accelerate
 
 __version__ = "0.1.0"

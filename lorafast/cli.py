@@ -1,7 +1,9 @@
-"""The ``lorafast`` command: ``train``, ``generate`` and ``bench``.
+"""The ``train`` and ``generate`` commands of ``lorafast``.
 
 ``lorafast train`` parses its flags straight into :class:`lorafast.train.TrainConfig` (one flag
-per field, same name with dashes), so the CLI and the importable loop cannot drift apart.
+per field, same name with dashes), so the CLI and the importable loop cannot drift apart. The
+``lorafast`` command itself (:mod:`lorafast.__main__`) sends ``lorafast bench`` to the benchmark
+package, which sits above this layer; this module does not import it.
 """
 from __future__ import annotations
 
@@ -78,10 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser takes every flag, --help included
-        from lorafast.bench.cli import main as bench_main
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

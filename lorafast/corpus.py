@@ -34,6 +34,15 @@ class Corpus:
     val: torch.Tensor  # uint8 [n_val]
     source: str
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError unless every token id of both splits is below ``vocab_size`` (run once,
+        at load, so that training steps can skip per-batch validation and its host sync)."""
+        for split, data in (("train", self.train), ("validation", self.val)):
+            top = int(data.max()) if len(data) else -1
+            if top >= vocab_size:
+                raise ValueError(f"{self.source}: the {split} split holds token id {top}, outside the "
+                                 f"model's vocabulary [0, {vocab_size})")
+
     def batch(self, split: str, batch_size: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: ids [B, T] and next-token targets [B, T] (int64, CPU)."""
         data = self.train if split == "train" else self.val

@@ -147,5 +147,6 @@ class Zeros:
         return LAW_ZEROS, 0.0, 0.0
 
 
-InitLaw = Union[Normal, Uniform, KaimingUniform, Zeros]
 LAWS = (Normal, Uniform, KaimingUniform, Zeros)
+InitLaw = Union[LAWS]  # the annotation of "one of LAWS"
+LAW_NAMES = {"normal": Normal, "uniform": Uniform, "kaiming_uniform": KaimingUniform, "zeros": Zeros}  # in config files

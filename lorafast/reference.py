@@ -10,24 +10,21 @@ as the head count and called ``nn.Transformer`` without a target)::
       -> num_layers x pre-LayerNorm block:  x + attn(ln1(x)),  x + mlp(ln2(x))
       -> final LayerNorm -> output projection W_o h + b_o [B, T, V] -> softmax over the vocabulary
 
-Local Random Initialization (see :mod:`lorafast.config`): ``local_parameters()`` are redrawn by
-``reset_local_(step)`` from a counter-based Philox stream keyed by (seed, step), so their values
+Local Random Initialization (:mod:`lorafast.local`): ``local_parameters()`` are redrawn by
+``redraw_local_(step)`` from a counter-based Philox stream keyed by (seed, step), so their values
 depend only on (model seed, step, tensor name) and are identical on every machine.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import zlib
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafast.config import LocalRule, ModelConfig, unmatched_rules
-from lorafast.init_laws import KaimingUniform, Normal, Zeros
-from lorafast.ops._rerandomize import rerandomize_
+from lorafast.config import ModelConfig
+from lorafast.local import LocalTensors
 
 __all__ = ["LoRA", "LocalLinear", "CausalSelfAttention", "MLP", "Block", "check_ids", "check_targets"]
 
@@ -64,6 +61,11 @@ class LocalLinear(nn.Module):
             # Index of the adapter's current draw, so that a resumed run merges at the right step.
             self.register_buffer("draw", torch.zeros((), dtype=torch.int64))
             self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold the adapter into the base weight: ``W += scale * up @ down`` (merge mode)."""
+        self.weight.add_((self.up @ self.down).to(self.weight.dtype), alpha=self.scale)
 
     def effective_weight(self) -> torch.Tensor:
         """``weight + scale * up @ down``, the matrix this layer applies."""
@@ -128,32 +130,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention: type[CausalSelfAttention] = CausalSelfAttention) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.hidden_dim)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden_dim)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalTensor:
-    """One local tensor: ``getattr(module, attr)``, drawn from ``law`` under ``rule``."""
-
-    name: str
-    module: nn.Module
-    attr: str
-    rule: LocalRule
-    law: object
-    stream: int  # Philox stream id: crc32 of the name, so values do not depend on the other tensors
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
 
 
 def check_ids(x: object, vocab_size: int, max_seq_len: int, what: str = "ids") -> torch.Tensor:
@@ -195,11 +181,13 @@ class LoRA(nn.Module):
 
     ``LoRA(vocab_size, embedding_dim, hidden_dim, num_layers)`` keeps the source document's four
     positional arguments; the rest are keyword-only. ``local`` is a preset name (see
-    :data:`lorafast.config.PRESETS`), a :class:`~lorafast.config.LocalConfig`, or None for the
-    default preset. ``seed`` fixes both the one-time global initialisation and every local draw.
+    :data:`lorafast.local.PRESETS`), a :class:`~lorafast.local.LocalConfig`, or None for the
+    default preset. ``seed`` (an int in [0, 2^64)) fixes both the one-time global initialisation
+    and every local draw. Raises ValueError / TypeError for a bad configuration.
     """
 
-    rerandomize_impl = "torch"  # the reference draws with the PyTorch Philox generator
+    attention_class: type[CausalSelfAttention] = CausalSelfAttention
+    impl = "torch"  # backend of the ops this model calls (lorafast.ops): the reference is PyTorch only
 
     def __init__(self, vocab_size: int, embedding_dim: int, hidden_dim: int, num_layers: int, *,
                  num_heads: int | None = None, ffn_dim: int | None = None, max_seq_len: int = 1024,
@@ -212,21 +200,20 @@ class LoRA(nn.Module):
         self.emb_proj = LocalLinear(embedding_dim, hidden_dim) if embedding_dim != hidden_dim else None
         self.pos_emb = nn.Embedding(max_seq_len, hidden_dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, self.attention_class) for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(hidden_dim)
         self.head = LocalLinear(hidden_dim, vocab_size)  # W_o h + b_o
         self._init_global()
-        self._local: list[LocalTensor] = self._make_local()
-        self._drawn: dict[str, int] = {}
-        self.reset_local_(0)
+        self.local_tensors = LocalTensors.discover(self, cfg.local, cfg.seed, LocalLinear)
+        self.redraw_local_(0)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "LoRA":
+    def from_config(cls, cfg: ModelConfig, **kwargs) -> "LoRA":
+        """The model of ``cfg``; ``kwargs`` go to the constructor (e.g. ``impl`` of lorafast.LoRA)."""
         return cls(cfg.vocab_size, cfg.embedding_dim, cfg.hidden_dim, cfg.num_layers,
                    num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, max_seq_len=cfg.max_seq_len,
-                   dropout=cfg.dropout, local=cfg.local, seed=cfg.seed)
+                   dropout=cfg.dropout, local=cfg.local, seed=cfg.seed, **kwargs)
 
-    # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def _init_global(self) -> None:
         """GPT-2 initialisation, drawn once from ``seed`` on the CPU (same values everywhere)."""
@@ -241,54 +228,10 @@ class LoRA(nn.Module):
                 std = resid_std if name.endswith(("attn.proj.weight", "mlp.fc_out.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def _make_local(self) -> list[LocalTensor]:
-        rules = self.config.local.rules
-        params = dict(self.named_parameters())
-        linears = {n: m for n, m in self.named_modules() if isinstance(m, LocalLinear)}
-        dense = [r for r in rules if r.rank == 0]
-        lowrank = [r for r in rules if r.rank > 0]
-        missing = unmatched_rules(dense, params) + unmatched_rules(lowrank, linears)
-        if missing:
-            raise ValueError(f"local rule pattern {missing[0].pattern!r} matches no "
-                             f"{'layer' if missing[0].rank else 'parameter'} of this model")
-        out: list[LocalTensor] = []
-
-        def add(name: str, module: nn.Module, attr: str, rule: LocalRule, law: object) -> None:
-            if any(t.name == name for t in out):
-                raise ValueError(f"{name} is matched by more than one local rule")
-            out.append(LocalTensor(name, module, attr, rule, law, zlib.crc32(name.encode())))
-
-        for name, p in params.items():
-            hits = [r for r in dense if r.matches(name)]
-            if len(hits) > 1:
-                raise ValueError(f"{name} is matched by more than one local rule")
-            for rule in hits:
-                mod_name, _, attr = name.rpartition(".")
-                module = self.get_submodule(mod_name)
-                # A local tensor is not trained: it becomes a buffer, out of the optimizer and the checkpoint.
-                del module._parameters[attr]
-                module.register_buffer(attr, p.detach(), persistent=False)
-                law = rule.law if rule.law is not None else (KaimingUniform() if p.dim() >= 2 else Normal(0.0, 0.02))
-                add(name, module, attr, rule, law)
-        for name, module in linears.items():
-            hits = [r for r in lowrank if r.matches(name)]
-            if len(hits) > 1:
-                raise ValueError(f"{name} is matched by more than one low-rank local rule")
-            for rule in hits:
-                if rule.mode == "merge" and "weight" not in module._parameters:
-                    raise ValueError(f"{name}: a merge adapter needs a global base weight, but "
-                                     f"{name}.weight is local (its merges would be redrawn away)")
-                module.add_lowrank(rule.rank, "adapter" if rule.mode == "merge" else "branch", rule.scale)
-                law = rule.resolved_law
-                add(f"{name}.down", module, "down", rule, law)
-                add(f"{name}.up", module, "up", rule, Zeros() if rule.mode == "merge" else law)
-        return out
-
     # ------------------------------------------------------------------ local / global
     def named_local_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Local tensors: redrawn (redraw), drawn once (frozen) or trained and merged (merge)."""
-        for t in self._local:
-            yield t.name, t.tensor
+        return self.local_tensors.named()
 
     def local_parameters(self) -> Iterator[torch.Tensor]:
         for _, t in self.named_local_parameters():
@@ -296,7 +239,7 @@ class LoRA(nn.Module):
 
     def named_global_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters initialised once; includes base weights held fixed under merge adapters."""
-        local = {t.name for t in self._local}
+        local = {name for name, _ in self.named_local_parameters()}
         for name, p in self.named_parameters():
             if name not in local:
                 yield name, p
@@ -305,46 +248,15 @@ class LoRA(nn.Module):
         for _, p in self.named_global_parameters():
             yield p
 
-    @torch.no_grad()
-    def reset_local_(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Mutates the local tensors in place into their draw for training step ``step``.
-
-        ``redraw`` tensors take draw ``step // period``; ``frozen`` ones draw 0; ``merge`` adapters,
-        at each new period, are first merged into their base weight, then ``down`` is redrawn, ``up``
-        zeroed and — when ``optimizer`` is given — their optimizer state cleared. Tensors already
-        holding the draw in force are left alone, so calling this twice is harmless.
-        """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        by_draw: dict[int, list[LocalTensor]] = {}
-        merged: set[int] = set()
-        for t in self._local:
-            d = t.rule.draw_index(step)
-            if self._drawn.get(t.name) == d:
-                continue
-            if t.rule.mode == "merge":
-                m = t.module
-                if id(m) not in merged:
-                    merged.add(id(m))
-                    if t.name in self._drawn:  # the adapter trained during the last period
-                        m.weight.add_((m.up @ m.down).to(m.weight.dtype), alpha=m.scale)  # W += scale * up @ down
-                    m.draw.fill_(d)
-                if optimizer is not None:
-                    optimizer.state.pop(t.tensor, None)
-            by_draw.setdefault(d, []).append(t)
-        for d, group in sorted(by_draw.items()):
-            rerandomize_([t.tensor for t in group], seed=self.config.seed, step=d,
-                         init=[t.law for t in group], ids=[t.stream for t in group],
-                         impl=self.rerandomize_impl)
-            for t in group:
-                self._drawn[t.name] = d
+    def redraw_local_(self, step: int) -> list[torch.Tensor]:
+        """Mutates the local tensors into the draws in force at training step ``step``
+        (:meth:`lorafast.local.LocalTensors.redraw_`); returns the trained tensors it
+        re-initialised (merge adapters), whose optimizer state the training loop must clear."""
+        return self.local_tensors.redraw_(step, impl=self.impl)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        # Loaded merge adapters hold the draw that the checkpoint recorded in each layer's `draw`.
-        for t in self._local:
-            if t.rule.mode == "merge":
-                self._drawn[t.name] = int(t.module.draw)
+        self.local_tensors.after_load()
         return result
 
     # ------------------------------------------------------------------ forward

@@ -1,7 +1,8 @@
 """Training with Local Random Initialization: an importable loop, driven by one dataclass.
 
-One step: re-initialise the local parameters (``model.reset_local_(step)``), compute the loss,
-backpropagate, clip, update. AdamW or SGD; linear warmup then cosine decay; periodic evaluation
+One step (:func:`train_step`, shared with ``lorafast bench model``): redraw the local tensors
+for the step (``model.redraw_local_(step)``), compute the loss, backpropagate, clip, update; no
+host synchronisation (the corpus is validated once, when it is loaded). AdamW or SGD; linear warmup then cosine decay; periodic evaluation
 on the held-out split; metrics appended to ``OUT/metrics.jsonl``; checkpoints (safetensors +
 JSON) written atomically every ``checkpoint_every`` steps, at the end, and when the run is
 interrupted or crashes, so nothing is lost; ``resume=True`` continues from ``OUT``.
@@ -19,10 +20,8 @@ from typing import Any
 
 import torch
 
-from lorafast.config import PRESETS, ModelConfig
+from lorafast.config import DEFAULT_PRESET, DTYPES, PRESETS, ModelConfig
 from lorafast.corpus import VOCAB_SIZE, Corpus, decode, encode, load_corpus
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -42,7 +41,7 @@ class TrainConfig:
     num_heads: int | None = _f(None, "attention heads (default: heads of 64, 32 or 16 dims)")
     ffn_dim: int | None = _f(None, "MLP width (default 4 x hidden_dim)")
     dropout: float = _f(0.0, "dropout on embeddings and residual branches")
-    preset: str = _f("ffn-alt", "which parameters are local", choices=sorted(PRESETS))
+    preset: str = _f(DEFAULT_PRESET, "which parameters are local", choices=sorted(PRESETS))
     reference: bool = _f(False, "train the pure-PyTorch reference model instead of the accelerated one")
     # optimisation
     optimizer: str = _f("adamw", "optimizer", choices=["adamw", "sgd"])
@@ -128,6 +127,44 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def clear_optimizer_state(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """Forget ``optimizer``'s state (moments, step counts) of ``tensors``: what
+    ``model.redraw_local_`` returns, trained tensors it re-initialised (merge adapters)."""
+    for t in tensors:
+        optimizer.state.pop(t, None)
+
+
+_NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # a pass-through: scale, unscale and update do nothing
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               step: int, lr: float, *, scaler: torch.amp.GradScaler | None = None,
+               autocast: contextlib.AbstractContextManager | None = None, grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimizer step of training with Local Random Initialization, without host sync.
+
+    Redraws the local tensors for ``step`` (clearing the optimizer state of re-initialised
+    adapters), sets the learning rate ``lr`` on every parameter group, computes the loss of ids
+    ``x`` against targets ``y`` (int64 [B, T] on the model's device, already validated:
+    ``loss_unchecked``), backpropagates through ``scaler`` (fp16 loss scaling; None: off),
+    clips the global gradient norm to ``grad_clip`` (0: off) and updates. Returns the loss, a
+    detached 0-dim fp32 tensor on the device (reading it is the caller's host sync).
+    """
+    clear_optimizer_state(optimizer, model.redraw_local_(step))
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    scaler = scaler if scaler is not None else _NO_SCALING
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = model.loss_unchecked(x, y)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _atomic(path: str, write) -> None:
     tmp = path + ".tmp"
     write(tmp)
@@ -169,21 +206,22 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", reference: bo
     model = model_class(reference).from_config(ModelConfig.from_dict(meta["model"]))
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     model.to(device)
-    model.reset_local_(int(meta["step"]))
+    model.redraw_local_(int(meta["step"]))
     return model, meta
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              autocast: contextlib.AbstractContextManager) -> float:
+    """Mean loss over validated ``batches``: summed on the device, read once (one host sync)."""
     was = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for x, y in batches:
         with autocast:
-            total += float(model.loss(x.to(device), y.to(device)))
+            total += model.loss_unchecked(x.to(device), y.to(device)).float()
     model.train(was)
-    return total / len(batches)
+    return float(total) / len(batches)
 
 
 def _resume_state(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -215,6 +253,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = model_class(cfg.reference).from_config(cfg.model_config()).to(device)
+    corpus.check_vocab(model.config.vocab_size)  # once, so that the steps need no host sync
     opt = make_optimizer(cfg, model)
     start = 0
     if cfg.resume and os.path.isfile(os.path.join(cfg.out, "config.json")):
@@ -256,21 +295,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     try:
         for step in range(start, cfg.steps):
-            model.reset_local_(step, optimizer=opt)
             lr = lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
             x, y = corpus.batch("train", cfg.batch_size, cfg.seq_len, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = model.loss(x, y)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(model, opt, x, y, step, lr, scaler=scaler, autocast=autocast, grad_clip=cfg.grad_clip)
             done, rng_at_done = step + 1, gen.get_state()
             tok_log += x.numel()
             if done % cfg.log_every == 0 or done == cfg.steps or done == start + 1 or (
@@ -308,7 +336,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     checkpoint()
     sample = ""
     if cfg.sample_tokens:
-        model.reset_local_(cfg.steps)
+        model.redraw_local_(cfg.steps)
         prompt = encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
         out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
                              generator=torch.Generator(device=device).manual_seed(cfg.seed))

@@ -275,7 +275,7 @@ def test_torch_impl_matches_fp64():
 
 
 def test_auto_uses_triton_under_interpreter():
-    assert _dispatch.resolve_impl("auto", torch.zeros(1), op="attention") == "triton"
+    assert _dispatch.select_backend("attention", "auto", torch.zeros(1, 1, 4, 16)) == "triton"
 
 
 def test_opcheck():
@@ -321,7 +321,7 @@ def test_validation_of_options():
 
 
 def test_triton_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
     q = torch.randn(1, 2, 6, 32)
     with pytest.raises(RuntimeError, match="impl='triton' cannot run"):
         attention(q, q, q, impl="triton")

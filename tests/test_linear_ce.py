@@ -234,9 +234,10 @@ def test_validation_errors():
 
 def test_opcheck():
     h, w, b, y = make_case(6, 20, 8, torch.float32, True, False)
-    torch.library.opcheck(torch.ops.lorafast.linear_ce_fwd.default,
-                          (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, IGNORE, "torch"))
-    torch.library.opcheck(torch.ops.lorafast.linear_softmax.default, (h.detach(), w.detach(), None, 1.0, False, "torch"))
+    for backend in ("torch", "triton"):
+        op = getattr(torch.ops.lorafast, f"linear_ce_fwd_{backend}")
+        torch.library.opcheck(op.default, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, IGNORE))
+    torch.library.opcheck(torch.ops.lorafast.linear_softmax_triton.default, (h.detach(), w.detach(), None, 1.0, False))
 
 
 @pytest.mark.cuda

@@ -14,6 +14,7 @@ import lorafast
 from lorafast import reference
 from lorafast.config import LocalConfig, LocalRule
 from lorafast.init_laws import Normal, Uniform
+from lorafast.train import clear_optimizer_state
 
 CONFIGS = {
     # name: (V, E, H, L, kwargs)
@@ -72,8 +73,8 @@ def test_parity_logits_loss_grads(name, T):
 def test_redraw_in_accelerated_matches_reference_every_step():
     ref, acc = pair("branch")
     for step in (1, 2, 9):
-        ref.reset_local_(step)
-        acc.reset_local_(step)
+        ref.redraw_local_(step)
+        acc.redraw_local_(step)
         for (n, a), b in zip(ref.named_local_parameters(), acc.local_parameters()):
             assert torch.equal(b, a), f"{n} step {step}"
 
@@ -111,7 +112,7 @@ def _train(model, steps, seed=0):
     data = torch.randint(0, V, (2, 2, 12), generator=gen)  # two fixed batches: learnable by heart
     losses = []
     for step in range(steps):
-        model.reset_local_(step, optimizer=opt)
+        clear_optimizer_state(opt, model.redraw_local_(step))
         x = data[step % 2]
         loss = model.loss(x)
         loss.backward()
@@ -240,3 +241,40 @@ def test_cuda_torch_compile_matches():
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-4, msg=n)
     logits = torch.compile(m)(x)
     torch.testing.assert_close(logits, m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_signature_is_the_reference_signature_plus_impl():
+    import inspect
+
+    ref = list(inspect.signature(reference.LoRA).parameters.values())
+    acc = list(inspect.signature(lorafast.LoRA).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in acc[:-1]] == [(p.name, p.kind, p.default) for p in ref]
+    assert (acc[-1].name, acc[-1].kind, acc[-1].default) == ("impl", inspect.Parameter.KEYWORD_ONLY, "auto")
+    with pytest.raises(ValueError, match="impl"):
+        lorafast.LoRA(20, 16, 16, 1, impl="cuda")
+    with pytest.raises(ValueError, match="head dim 8"):
+        lorafast.LoRA(20, 16, 16, 1, num_heads=2, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_impl_reaches_every_op(impl, monkeypatch):
+    from lorafast.ops import _attention, _linear_ce, _rerandomize
+
+    calls = []
+    tables = {"attention": (_attention, "_BACKENDS"), "linear_ce": (_linear_ce, "_CE_BACKENDS"),
+              "linear_softmax": (_linear_ce, "_SOFTMAX_BACKENDS"), "rerandomize": (_rerandomize, "_BACKENDS")}
+    for op, (mod, name) in tables.items():
+        def record(fn, tag):
+            return lambda *a, **k: (calls.append(tag), fn(*a, **k))[1]
+        monkeypatch.setattr(mod, name, {b: record(fn, (op, b)) for b, fn in getattr(mod, name).items()})
+    m = lorafast.LoRA(40, 32, 32, 2, num_heads=2, max_seq_len=16, local="branch", impl=impl)
+    x = torch.randint(0, 40, (2, 9))
+    m.loss(x).backward()
+    m.probs(x)
+    m.generate(x[:, :3], 2, temperature=0)
+    m.redraw_local_(3)
+    assert {op for op, _ in calls} == set(tables)
+    assert {b for _, b in calls} == {impl}
+    # accelerate() takes the same setting
+    r = lorafast.accelerate(reference.LoRA(40, 32, 32, 1, num_heads=2, max_seq_len=16), impl=impl)
+    assert r.impl == impl and all(b.attn.impl == impl for b in r.blocks)

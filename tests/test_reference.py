@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lorafast.config import LocalConfig, LocalRule, ModelConfig
 from lorafast.init_laws import Normal, Uniform
+from lorafast.train import clear_optimizer_state
 from lorafast.reference import LoRA
 
 SMALL = dict(num_heads=2, max_seq_len=32)
@@ -81,14 +82,14 @@ def _snapshot(tensors):
 
 
 @pytest.mark.parametrize("preset", ["ffn-alt", "branch"])
-def test_reset_local_redraws_every_step_and_leaves_globals(preset):
+def test_redraw_local_redraws_every_step_and_leaves_globals(preset):
     m = LoRA(30, 16, 16, 3, local=preset, **SMALL)
     glob0 = _snapshot(m.global_parameters())
-    m.reset_local_(1)
+    m.redraw_local_(1)
     s1 = _snapshot(m.local_parameters())
-    m.reset_local_(2)
+    m.redraw_local_(2)
     s2 = _snapshot(m.local_parameters())
-    m.reset_local_(1)
+    m.redraw_local_(1)
     s1b = _snapshot(m.local_parameters())
     for a, b, c in zip(s1, s2, s1b):
         assert torch.equal(a, c)  # same (seed, step) -> bit-identical
@@ -98,11 +99,11 @@ def test_reset_local_redraws_every_step_and_leaves_globals(preset):
         assert torch.equal(g0, g)
     # a second model with the same seed draws the same local values at step 2; another seed differs
     other = LoRA(30, 16, 16, 3, local=preset, **SMALL)
-    other.reset_local_(2)
+    other.redraw_local_(2)
     for a, b in zip(s2, other.local_parameters()):
         assert torch.equal(a, b)
     third = LoRA(30, 16, 16, 3, local=preset, seed=1, **SMALL)
-    third.reset_local_(2)
+    third.redraw_local_(2)
     assert not torch.equal(s2[0], next(third.local_parameters()))
 
 
@@ -115,9 +116,9 @@ def test_local_law_and_period():
     q = m.blocks[1].attn.qkv.weight
     assert abs(q.mean().item() - 1.0) < 0.02 and abs(q.std().item() - 0.1) < 0.02
     before = w.clone()
-    m.reset_local_(2)
+    m.redraw_local_(2)
     assert torch.equal(w, before)  # still the draw of period 0 (steps 0..2)
-    m.reset_local_(3)
+    m.redraw_local_(3)
     assert not torch.equal(w, before)
 
 
@@ -141,8 +142,8 @@ def test_local_tensors_take_no_gradient_and_no_optimizer_state(preset):
 def test_frozen_is_drawn_once():
     m = LoRA(30, 16, 16, 4, local="reservoir", **SMALL)
     s0 = _snapshot(m.local_parameters())
-    m.reset_local_(5)
-    m.reset_local_(17)
+    m.redraw_local_(5)
+    m.redraw_local_(17)
     assert all(torch.equal(a, b) for a, b in zip(s0, m.local_parameters()))
 
 
@@ -157,7 +158,7 @@ def test_merge_trains_adapters_merges_and_redraws():
     x = torch.randint(0, 30, (4, 10))
     w0 = fc.weight.clone()
     for step in range(2):
-        m.reset_local_(step, optimizer=opt)
+        clear_optimizer_state(opt, m.redraw_local_(step))
         m.loss(x).backward()
         opt.step()
         opt.zero_grad()
@@ -165,30 +166,30 @@ def test_merge_trains_adapters_merges_and_redraws():
     expected = w0 + fc.scale * (fc.up @ fc.down)
     down_before = fc.down.clone()
     logits_before = m(x)
-    m.reset_local_(2, optimizer=opt)  # a new period: merge, redraw down, zero up, reset state
+    clear_optimizer_state(opt, m.redraw_local_(2))  # a new period: merge, redraw down, zero up, reset state
     torch.testing.assert_close(fc.weight, expected)
     assert not torch.equal(fc.weight, w0)
     assert torch.count_nonzero(fc.up) == 0 and not torch.equal(fc.down, down_before)
     assert fc.down not in opt.state and fc.up not in opt.state
     torch.testing.assert_close(m(x), logits_before, rtol=1e-5, atol=1e-5)  # merging keeps the function
-    m.reset_local_(2, optimizer=opt)  # idempotent
+    clear_optimizer_state(opt, m.redraw_local_(2))  # idempotent
     torch.testing.assert_close(fc.weight, expected)
     # adapters and their draw index are in the checkpoint; a reloaded model continues identically
     sd = m.state_dict()
     assert "blocks.0.mlp.fc_in.down" in sd and "blocks.0.mlp.fc_in.draw" in sd
     m2 = LoRA(30, 16, 16, 2, local=LocalConfig((rule,)), **SMALL)
     m2.load_state_dict(sd)
-    m2.reset_local_(3)
+    m2.redraw_local_(3)
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
 
 
 def test_checkpoint_roundtrip_regenerates_local():
     m = LoRA(30, 16, 16, 2, **SMALL)
-    m.reset_local_(7)
+    m.redraw_local_(7)
     sd = m.state_dict()
     m2 = LoRA(30, 16, 16, 2, **SMALL)
     m2.load_state_dict(sd)
-    m2.reset_local_(7)
+    m2.redraw_local_(7)
     x = torch.randint(0, 30, (2, 5))
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
 
@@ -282,7 +283,7 @@ def test_bad_laws_and_rules():
     with pytest.raises(ValueError):
         LoRA(0, 16, 16, 1)
     with pytest.raises(ValueError, match="step"):
-        LoRA(30, 16, 16, 1).reset_local_(-1)
+        LoRA(30, 16, 16, 1).redraw_local_(-1)
 
 
 def test_config_roundtrip():

@@ -80,7 +80,7 @@ def test_crash_keeps_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     tiny = {**TINY, "steps": 12, "lr": 3e-3, "min_lr": 3e-3, "eval_every": 0, "log_every": 1}
     want = train(TrainConfig(out=str(tmp_path / "whole"), **tiny))
     calls = {"n": 0}
-    real = reference.LoRA.loss
+    real = reference.LoRA.loss_unchecked  # what the training step calls
 
     def flaky(self, *a, **k):  # Ctrl-C inside the 8th training loss, after its batch was drawn
         calls["n"] += torch.is_grad_enabled()  # evaluations run under no_grad
@@ -88,11 +88,11 @@ def test_crash_keeps_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(reference.LoRA, "loss", flaky)
+    monkeypatch.setattr(reference.LoRA, "loss_unchecked", flaky)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(out=str(tmp_path / "cut"), **tiny))
     assert json.load(open(tmp_path / "cut" / "config.json"))["step"] == 7
-    monkeypatch.setattr(reference.LoRA, "loss", real)
+    monkeypatch.setattr(reference.LoRA, "loss_unchecked", real)
     got = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **tiny))
     assert got["losses"] == want["losses"][7:]
     steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
@@ -109,7 +109,7 @@ def test_bad_train_config():
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lorafast.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lorafast", *args], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
 
 
@@ -155,3 +155,29 @@ def test_bench_cli_records(tmp_path):
         assert rec["ms"] > 0, rec
     steps = {r["provider"]: r for r in recs if r["suite"] == "model"}
     assert set(steps) == {"eager", "eager-sdpa", "lorafast"} and steps["lorafast"]["tokens_per_s"] > 0
+
+
+def test_training_step_validates_nothing_per_step(tmp_path, monkeypatch):
+    """The loop validates the corpus once at load; its steps and evaluations run the unchecked
+    loss (no per-batch validation, hence no host sync on a GPU)."""
+    import lorafast.reference as reference
+
+    def refuse(*a, **k):
+        raise AssertionError("per-batch validation in the training loop")
+
+    monkeypatch.setattr(reference, "check_ids", refuse)
+    monkeypatch.setattr(reference, "check_targets", refuse)
+    out = train(TrainConfig(out=str(tmp_path), **{**TINY, "steps": 3, "eval_every": 2, "sample_tokens": 0}))
+    assert len(out["losses"]) == 3 and len(out["val_losses"]) == 3
+
+
+def test_bench_times_the_training_step_of_train(monkeypatch):
+    from lorafast.bench import model as bench_model
+    import lorafast.train
+
+    seen = []
+    real = lorafast.train.train_step
+    monkeypatch.setattr(lorafast.train, "train_step", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
+    step = bench_model.setup("lorafast", V=32, E=16, H=16, L=1, B=2, T=8)
+    step()
+    assert seen == [0, 1]  # the warm-up step and the timed one, through lorafast.train.train_step

@@ -13,7 +13,7 @@ python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 
 timeout 240 python3 -m pytest -q -m cuda -x --durations=10 tests/ > "$OUT/cuda-tests.log" 2>&1
 echo "cuda tests rc=$?" | tee -a "$OUT/cuda-tests.log"
 tail -5 "$OUT/cuda-tests.log"
-timeout 330 python3 -m lorafast.cli bench attention linear-ce rerandomize model --full --device cuda \
+timeout 330 python3 -m lorafast bench attention linear-ce rerandomize model --full --device cuda \
     --save "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
 tail -60 "$OUT/bench.log"

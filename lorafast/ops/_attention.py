@@ -15,10 +15,11 @@ ones). Causal with TQ > TK would leave rows with no visible key: it raises Value
   The output is ``[B, H, T, D]`` laid out in ``[B, T, H, D]`` memory, so
   ``out.transpose(1, 2).reshape(B, T, H * D)`` is free. Gradients of dense inputs keep their
   strides; gradients of non-dense inputs (such as qkv views) come back in ``[B, T, H, D]`` memory.
-* ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention`` (through
-  :func:`torch_attention`: ``is_causal=True`` when TQ == TK, else an explicit bottom-right
-  boolean mask, since SDPA's ``is_causal`` aligns top-left when TQ != TK).
-* ``impl="auto"``: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, torch otherwise.
+* ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention``
+  (``is_causal=True`` when TQ == TK, else an explicit bottom-right boolean mask, since SDPA's
+  ``is_causal`` aligns top-left when TQ != TK).
+* ``impl="auto"``: Triton where :func:`lorafast.ops._dispatch.select_backend` allows it (CUDA
+  tensors or ``TRITON_INTERPRET=1``, 16 <= D <= 128), torch otherwise.
 """
 from __future__ import annotations
 
@@ -29,11 +30,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from lorafast.ops._dispatch import resolve_impl
+from lorafast.ops._dispatch import select_backend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-MAX_GRID_HEADS = 65535  # B * H rides on CUDA grid axis 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +64,15 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
                          f"{v.device}")
     B, H, T, D = q.shape
     TK = k.shape[2]
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim D={D} unsupported (need {MIN_HEAD_DIM} <= D <= "
-                         f"{MAX_HEAD_DIM})")
-    if B < 1 or H < 1 or T < 1 or TK < 1:
-        raise ValueError(f"attention: B, H, TQ, TK must be >= 1, got q {tuple(q.shape)}, "
+    if B < 1 or H < 1 or T < 1 or TK < 1 or D < 1:
+        raise ValueError(f"attention: B, H, TQ, TK and D must be >= 1, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
-    _check_causal_lengths(causal, T, TK)
+    if causal and T > TK:
+        raise ValueError(f"attention: causal attention needs TQ <= TK (bottom-right aligned mask: "
+                         f"query i sees keys j <= i + TK - TQ, so the first TQ - TK queries would "
+                         f"see no key), got TQ={T}, TK={TK}")
     if scale is None:
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -83,25 +82,14 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
     return AttentionOptions(causal=causal, scale=float(scale))
 
 
-def _check_causal_lengths(causal: bool, tq: int, tk: int) -> None:
-    if causal and tq > tk:
-        raise ValueError(f"attention: causal attention needs TQ <= TK (bottom-right aligned mask: "
-                         f"query i sees keys j <= i + TK - TQ, so the first TQ - TK queries would "
-                         f"see no key), got TQ={tq}, TK={tk}")
-
-
-def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                    scale: float | None = None) -> torch.Tensor:
-    """The PyTorch path: SDPA with this module's mask semantics (bottom-right causal when
-    TQ != TK). No validation beyond the causal lengths: the accelerated model also calls it
-    for head dims the kernels do not take."""
+def _attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions) -> torch.Tensor:
+    """The PyTorch path: SDPA with this module's mask semantics (bottom-right causal when TQ != TK)."""
     tq, tk = q.shape[-2], k.shape[-2]
-    if not causal or tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    _check_causal_lengths(causal, tq, tk)
+    if not opts.causal or tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=opts.causal, scale=opts.scale)
     # query i sees key j iff j <= i + tk - tq  (SDPA's is_causal would use j <= i)
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)  # [TQ, TK]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=opts.scale)
 
 
 def _out_like(q: torch.Tensor) -> torch.Tensor:
@@ -180,23 +168,26 @@ def _backward(ctx, dout, _dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions) -> torch.Tensor:
+    out, _ = torch.ops.lorafast.attention_fwd(q, k, v, opts.causal, opts.scale)
+    return out
+
+
+_BACKENDS = {"triton": _attention_triton, "torch": _attention_torch}
+
+
 # ---- public op ------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: float | None = None, impl: str = "auto") -> torch.Tensor:
     """``softmax(scale * q @ k^T [+ causal mask]) @ v`` for q ``[B, H, TQ, D]``, k, v ``[B, H, TK, D]``.
 
-    Args: q, k, v one dtype (fp16 / bf16 / fp32), one device, any strides, same B, H and
-    16 <= D <= 128, k and v one shape; ``causal`` masks key j > query i + TK - TQ
-    (bottom-right aligned; needs TQ <= TK); ``scale`` defaults to ``D ** -0.5``;
-    ``impl`` "auto" | "triton" | "torch". Returns ``[B, H, TQ, D]`` in the input dtype.
+    Args: q, k, v one dtype (fp16 / bf16 / fp32), one device, any strides, same B, H and D,
+    k and v one shape; ``causal`` masks key j > query i + TK - TQ (bottom-right aligned; needs
+    TQ <= TK); ``scale`` defaults to ``D ** -0.5``; ``impl`` "auto" | "triton" | "torch" (see
+    :mod:`lorafast.ops._dispatch`: the Triton kernels take 16 <= D <= 128, "auto" runs other
+    head dims on the PyTorch path). Returns ``[B, H, TQ, D]`` in the input dtype.
     Differentiable in q, k, v. Raises ValueError / TypeError on bad input before any launch,
-    RuntimeError when impl="triton" cannot run on these tensors.
+    and RuntimeError (environment) or ValueError (head dim) when impl="triton" cannot run.
     """
     opts = _validate(q, k, v, causal, scale)
-    if resolve_impl(impl, q, k, v, op="attention") == "torch":
-        return torch_attention(q, k, v, causal=opts.causal, scale=opts.scale)
-    B, H = q.shape[:2]
-    if B * H > MAX_GRID_HEADS:
-        raise ValueError(f"attention: B * H = {B * H} exceeds {MAX_GRID_HEADS} (CUDA grid limit)")
-    out, _ = torch.ops.lorafast.attention_fwd(q, k, v, opts.causal, opts.scale)
-    return out
+    return _BACKENDS[select_backend("attention", impl, q, k, v)](q, k, v, opts)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import interpreter_enabled, resolve_impl
+from lorafast.ops._dispatch import select_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,20 +39,7 @@ _CHUNK_ELEMS_CUDA = 1 << 24
 class LinearCEOptions:
     ignore_index: int = -100
     reduction: str = "mean"
-    impl: str = "auto"
     check: Optional[bool] = None
-
-
-def _backend(impl: str, op: str, *tensors: torch.Tensor) -> str:
-    """resolve_impl, plus: the Triton interpreter's bf16 ``tl.dot`` is wrong in triton 3.9, so
-    bf16 under ``TRITON_INTERPRET=1`` takes the PyTorch path with "auto" and raises with "triton"."""
-    backend = resolve_impl(impl, *tensors, op=op)
-    if backend == "triton" and interpreter_enabled() and tensors[0].dtype == torch.bfloat16:
-        if impl == "triton":
-            raise RuntimeError(f"{op}: impl='triton' with bf16 cannot run under TRITON_INTERPRET=1 "
-                               "(the interpreter's bf16 tl.dot is broken); use fp32/fp16 or impl='torch'")
-        return "torch"
-    return backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +190,7 @@ def _torch_ce_backward(h, weight, bias, targets, lse, g, need_dh, need_dw, need_
     return dh, dw, db
 
 
+@torch.no_grad()  # inference only, as the Triton path
 def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
     N = h.shape[0]
     V = weight.shape[0]
@@ -228,110 +216,124 @@ def _torch_softmax(h, weight, bias, scale: float, log: bool) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops (2-D h; the public wrappers flatten leading dims)
+# Backends. Each one is a pair (per-row LSE and target logit; backward), registered below as its
+# own torch.library custom ops, so that torch.compile sees each fused op as one node and the
+# chunked PyTorch path keeps its memory-saving backward. Inputs: 2-D h, validated.
 # ----------------------------------------------------------------------------------------------
-def _safe_targets(targets: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+def _safe_targets(targets: torch.Tensor, V: int) -> torch.Tensor:
     """Targets with ignored / out-of-range entries replaced by 0, so the torch path may gather."""
     ok = (targets >= 0) & (targets < V)
     return torch.where(ok, targets, torch.zeros_like(targets))
 
 
-@torch.library.custom_op("lorafast::linear_ce_fwd", mutates_args=())
-def _ce_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-            ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss per row fp32 [N]: 0 where ignored, NaN where the target is out of range; lse fp32 [N])."""
-    V = weight.shape[0]
-    if h.shape[0] == 0:
-        e = h.new_empty((0,), dtype=torch.float32)
-        return e, e.clone()
-    if impl == "triton":
-        from lorafast.kernels.linear_ce import lse_forward
+def _lse_triton(h, weight, bias, targets):
+    from lorafast.kernels.linear_ce import lse_forward
 
-        lse, zt = lse_forward(h, weight, bias, targets.contiguous())
-    else:
-        lse, zt = _torch_lse(h, weight, bias, _safe_targets(targets, V, ignore_index))
-    valid = targets != ignore_index
-    bad = _bad_targets(targets, V, ignore_index)
-    loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
-    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
-    return loss, lse
+    return lse_forward(h, weight, bias.contiguous() if bias is not None else None, targets.contiguous())
 
 
-@_ce_fwd.register_fake
-def _(h, weight, bias, targets, ignore_index, impl):
-    return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+def _lse_torch(h, weight, bias, targets):
+    return _torch_lse(h, weight, bias, _safe_targets(targets, weight.shape[0]))
 
 
-@torch.library.custom_op("lorafast::linear_ce_bwd", mutates_args=())
-def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-            lse: torch.Tensor, grad_rows: torch.Tensor, impl: str, need_dh: bool, need_dw: bool,
+def _bwd_triton(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+    from lorafast.kernels.linear_ce import ce_backward
+
+    return ce_backward(h, weight, bias.contiguous() if bias is not None else None, targets.contiguous(),
+                       lse.contiguous(), g.contiguous(), need_dh, need_dw, need_db)
+
+
+def _bwd_torch(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+    return _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0]), lse, g,
+                              need_dh, need_dw, need_db)
+
+
+def _register_ce(backend: str, lse_fn, bwd_fn):
+    """Custom ops ``lorafast::linear_ce_fwd_<backend>`` / ``..._bwd_<backend>`` with autograd."""
+
+    @torch.library.custom_op(f"lorafast::linear_ce_fwd_{backend}", mutates_args=())
+    def fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss per row fp32 [N]: 0 where ignored, NaN where the target is out of range; lse fp32 [N])."""
+        if h.shape[0] == 0:
+            e = h.new_empty((0,), dtype=torch.float32)
+            return e, e.clone()
+        lse, zt = lse_fn(h, weight, bias, targets)
+        valid = targets != ignore_index
+        bad = _bad_targets(targets, weight.shape[0], ignore_index)
+        loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
+        loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
+        return loss, lse
+
+    @fwd.register_fake
+    def _(h, weight, bias, targets, ignore_index):
+        return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
+
+    @torch.library.custom_op(f"lorafast::linear_ce_bwd_{backend}", mutates_args=())
+    def bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool,
             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dW, db) in the input dtype; an empty tensor stands for a gradient not asked for."""
-    need_db = need_db and bias is not None
-    if h.shape[0] == 0:
-        dh, dw = torch.zeros_like(h), torch.zeros_like(weight)
-        db = torch.zeros_like(bias) if need_db else h.new_empty((0,))
-    elif impl == "triton":
-        from lorafast.kernels.linear_ce import ce_backward
+        """(dh, dW, db) in the input dtype; an empty tensor stands for a gradient not asked for."""
+        need_db = need_db and bias is not None
+        if h.shape[0] == 0:
+            dh, dw = torch.zeros_like(h), torch.zeros_like(weight)
+            db = torch.zeros_like(bias) if need_db else h.new_empty((0,))
+        else:
+            dh, dw, db = bwd_fn(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db)
+        empty = lambda: h.new_empty((0,))  # noqa: E731  (outputs must not alias each other)
+        return (dh.to(h.dtype) if need_dh else empty(), dw.to(h.dtype) if need_dw else empty(),
+                db.to(h.dtype) if need_db else empty())
 
-        dh, dw, db = ce_backward(h, weight, bias, targets.contiguous(), lse.contiguous(),
-                                 grad_rows.contiguous(), need_dh, need_dw, need_db)
-    else:
-        dh, dw, db = _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0], -1),
-                                        lse, grad_rows, need_dh, need_dw, need_db)
-    empty = lambda: h.new_empty((0,))  # noqa: E731  (outputs must not alias each other)
-    return (dh.to(h.dtype) if need_dh else empty(), dw.to(h.dtype) if need_dw else empty(),
-            db.to(h.dtype) if need_db else empty())
+    @bwd.register_fake
+    def _(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db):
+        empty = lambda: h.new_empty((0,))  # noqa: E731
+        need_db = need_db and bias is not None
+        return (torch.empty_like(h) if need_dh else empty(), torch.empty_like(weight) if need_dw else empty(),
+                torch.empty_like(bias) if need_db else empty())
 
+    def setup_context(ctx, inputs, output):
+        h, weight, bias, targets, ignore_index = inputs
+        ctx.save_for_backward(h, weight, bias, targets, output[1])
+        ctx.ignore_index = ignore_index
 
-@_ce_bwd.register_fake
-def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db):
-    empty = lambda: h.new_empty((0,))  # noqa: E731
-    need_db = need_db and bias is not None
-    return (torch.empty_like(h) if need_dh else empty(), torch.empty_like(weight) if need_dw else empty(),
-            torch.empty_like(bias) if need_db else empty())
+    def backward(ctx, grad_loss, grad_lse):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = bool(need_db and bias is not None)
+        if grad_loss is None:
+            return None, None, None, None, None
+        # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0, and so
+        # are rows with an out-of-range target (NaN loss under check=None on CUDA): no wrong gradient.
+        valid = (targets != ctx.ignore_index) & ~_bad_targets(targets, weight.shape[0], ctx.ignore_index)
+        g = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
+        dh, dw, db = bwd(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db)
+        return dh if need_dh else None, dw if need_dw else None, db if need_db else None, None, None
 
-
-def _ce_setup_context(ctx, inputs, output):
-    h, weight, bias, targets, ignore_index, impl = inputs
-    ctx.save_for_backward(h, weight, bias, targets, output[1])
-    ctx.ignore_index = ignore_index
-    ctx.impl = impl
-
-
-def _ce_backward(ctx, grad_loss, grad_lse):
-    h, weight, bias, targets, lse = ctx.saved_tensors
-    need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    if grad_loss is None:
-        return None, None, None, None, None, None
-    # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0, and so are
-    # rows with an out-of-range target (NaN loss under check=None on CUDA): no wrong gradient.
-    valid = (targets != ctx.ignore_index) & ~_bad_targets(targets, weight.shape[0], ctx.ignore_index)
-    g = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
-    dh, dw, db = _ce_bwd(h, weight, bias, targets, lse, g, ctx.impl, need_dh, need_dw,
-                         bool(need_db and bias is not None))
-    return (dh if need_dh else None, dw if need_dw else None,
-            db if (need_db and bias is not None) else None, None, None, None)
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
 
 
-_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+_CE_BACKENDS = {"triton": _register_ce("triton", _lse_triton, _bwd_triton),
+                "torch": _register_ce("torch", _lse_torch, _bwd_torch)}
 
 
-@torch.library.custom_op("lorafast::linear_softmax", mutates_args=())
-def _softmax_op(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                log: bool, impl: str) -> torch.Tensor:
+@torch.library.custom_op("lorafast::linear_softmax_triton", mutates_args=())
+def _softmax_triton(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                    log: bool) -> torch.Tensor:
     if h.shape[0] == 0:
         return h.new_empty((0, weight.shape[0]))
-    if impl == "triton":
-        from lorafast.kernels.linear_ce import softmax_forward
+    from lorafast.kernels.linear_ce import softmax_forward
 
-        return softmax_forward(h, weight, bias.contiguous() if bias is not None else None, scale, log, h.dtype)
-    return _torch_softmax(h, weight, bias, scale, log)
+    return softmax_forward(h, weight, bias.contiguous() if bias is not None else None, scale, log, h.dtype)
 
 
-@_softmax_op.register_fake
-def _(h, weight, bias, scale, log, impl):
+@_softmax_triton.register_fake
+def _(h, weight, bias, scale, log):
     return h.new_empty((h.shape[0], weight.shape[0]))
+
+
+# The PyTorch softmax needs no backward of its own (inference only): a plain function.
+_SOFTMAX_BACKENDS = {"triton": _softmax_triton, "torch": _torch_softmax}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,15 +353,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     Triton backward: dh, dW, db accumulate in fp32 with atomic adds, so they vary run to run in
     the last fp32 bits (the PyTorch path is deterministic); dW is accumulated one vocabulary chunk
     of 8192 rows at a time, so the fp32 accumulators take 4 * (N + min(V, 8192)) * D bytes.
-    ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
+    ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.select_backend`).
     """
-    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)
+    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, check=check)
     _validate_ce(h, weight, bias, targets, opts)
-    backend = _backend(impl, "linear_cross_entropy", h, weight, targets)
-    if backend == "triton" and bias is not None:
-        bias = bias.contiguous()
+    fwd = _CE_BACKENDS[select_backend("linear_cross_entropy", impl, h, weight, targets)]
     lead = targets.shape
-    loss, _ = _ce_fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index, backend)
+    loss, _ = fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index)
     if opts.reduction == "none":
         return loss.reshape(lead)
     if opts.reduction == "sum":
@@ -381,6 +381,6 @@ def linear_softmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-    backend = _backend(impl, op, h, weight)
-    out = _softmax_op(h.reshape(-1, h.shape[-1]), weight, bias, 1.0 / float(temperature), bool(log), backend)
+    softmax = _SOFTMAX_BACKENDS[select_backend(op, impl, h, weight)]
+    out = softmax(h.reshape(-1, h.shape[-1]), weight, bias, 1.0 / float(temperature), bool(log))
     return out.reshape(*h.shape[:-1], weight.shape[0])

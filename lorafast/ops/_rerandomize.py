@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 
 from lorafast import philox
+from lorafast.checks import SEED_RANGE, STEP_RANGE, check_int
 from lorafast.init_laws import LAW_NORMAL, LAW_ZEROS, LAWS
-from lorafast.ops._dispatch import resolve_impl
+from lorafast.ops._dispatch import select_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GLOBAL_INDEX = 1 << 62  # offset + numel bound: group index (< 2^60) splits into two 32-bit words
@@ -25,14 +26,7 @@ def _int_list(name: str, values, n: int, lo: int, hi: int) -> list[int]:
         raise TypeError(f"rerandomize_: {name} must be a list of ints, got {type(values).__name__}")
     if len(values) != n:
         raise ValueError(f"rerandomize_: {name} has {len(values)} entries for {n} tensors")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"rerandomize_: {name}[{i}] must be an int, got {type(v).__name__}")
-        if not lo <= v < hi:
-            raise ValueError(f"rerandomize_: {name}[{i}] = {v} is out of [{lo}, {hi})")
-        out.append(v)
-    return out
+    return [check_int(f"rerandomize_: {name}[{i}]", v, lo, hi) for i, v in enumerate(values)]
 
 
 def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
@@ -95,23 +89,23 @@ def rerandomize_(tensors: Sequence[torch.Tensor], *, seed: int, step: int, init,
     gets exactly that slice of the full tensor's values. ``rounds``: Philox rounds (10; 7 is the
     faster variant used by fused dropout kernels). Values depend only on (seed, step, id, global
     element index). Runs under ``no_grad``; returns None. Tensors: fp32/fp16/bf16, contiguous,
-    one device. Bad input raises before anything is written.
+    one device. ``seed`` and ``step`` are ints in [0, 2^64) (the 64-bit words of the key; out of
+    range raises ValueError rather than wrapping onto another seed's draws). Bad input raises
+    TypeError/ValueError before anything is written.
     """
     tensors, codes, shifts, scales, ids, offsets = _validate(tensors, init, ids, offsets, rounds)
+    check_int("rerandomize_: seed", seed, *SEED_RANGE)
+    check_int("rerandomize_: step", step, 0, 1 << 64)  # a draw index: any 64-bit word
     key = philox.derive_key(seed, step)
     if not tensors:
         return
-    backend = resolve_impl(impl, *tensors, op="rerandomize_")
+    fill = _BACKENDS[select_backend("rerandomize_", impl, *tensors)]
     with torch.no_grad():
-        if backend == "torch":
-            _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets)
-        else:
-            torch.ops.lorafast.rerandomize_triton_(tensors, key[0], key[1], codes, shifts, scales,
-                                                   ids, offsets, rounds)
+        fill(tensors, key[0], key[1], codes, shifts, scales, ids, offsets, rounds)
 
 
 # --------------------------------------------------------------------------- PyTorch path
-def _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets) -> None:
+def _rerandomize_torch(tensors, k0, k1, codes, shifts, scales, ids, offsets, rounds) -> None:
     """The reference: all tensors' groups walked in chunks of ``philox.chunk_groups(device)``
     groups, so that many small tensors share one vectorised Philox evaluation."""
     device = tensors[0].device
@@ -131,7 +125,7 @@ def _rerandomize_torch(tensors, key, rounds, codes, shifts, scales, ids, offsets
     for p in pieces + [None]:
         if p is None or (chunk and size + p[2] > chunk_size):
             if chunk:
-                _fill_chunk(chunk, tensors, key, rounds, codes, shifts, scales, ids, offsets, device)
+                _fill_chunk(chunk, tensors, (k0, k1), rounds, codes, shifts, scales, ids, offsets, device)
             chunk, size = [], 0
         if p is not None:
             chunk.append(p)
@@ -168,3 +162,6 @@ def _rerandomize_triton(tensors: list[torch.Tensor], k0: int, k1: int, codes: li
 def _(tensors, k0, k1, codes, shifts, scales, ids, offsets, rounds) -> None:
     return None
 
+
+
+_BACKENDS = {"triton": _rerandomize_triton, "torch": _rerandomize_torch}
