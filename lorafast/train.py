@@ -22,6 +22,7 @@ import torch
 
 from lorafast.config import DEFAULT_PRESET, DTYPES, PRESETS, ModelConfig
 from lorafast.corpus import VOCAB_SIZE, Corpus, decode, encode, load_corpus
+from lorafast.hub import atomic_write, load_model, read_config, save_model
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -165,49 +166,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach()
 
 
-def _atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out: str, model: torch.nn.Module, step: int, train_cfg: TrainConfig | None = None,
                     optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> None:
-    """``out/model.safetensors`` (global and trained tensors) + ``out/config.json``; the local
-    tensors of redraw/frozen rules are not stored: they are regenerated from (seed, step)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(os.path.join(out, "model.safetensors"), lambda p: save_file(state, p))
+    """The model folder (:func:`lorafast.hub.save_model`, with the training configuration under
+    ``"train"``) plus ``optimizer.pt``: the optimizer state and ``extra`` (e.g. the batch
+    generator state), loaded back with ``weights_only=True``."""
     if optimizer is not None:
-        _atomic(os.path.join(out, "optimizer.pt"), lambda p: torch.save(
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "optimizer.pt"), lambda p: torch.save(
             {"optimizer": optimizer.state_dict(), **(extra or {})}, p))
-    meta = {"format": "lorafast-checkpoint-1", "step": step, "model": model.config.to_dict(),
-            "train": dataclasses.asdict(train_cfg) if train_cfg is not None else None}
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=2)
-
-    _atomic(os.path.join(out, "config.json"), write_json)
+    save_model(out, model, step, {"train": dataclasses.asdict(train_cfg) if train_cfg is not None else None})
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu", reference: bool = False):
     """Rebuild the model saved in folder ``path``; returns ``(model, meta)``. Local tensors are
     redrawn for the saved step. Works across the reference and the accelerated model."""
-    from safetensors.torch import load_file
-
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no checkpoint in {path!r} (config.json missing)")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    model = model_class(reference).from_config(ModelConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    model.to(device)
-    model.redraw_local_(int(meta["step"]))
-    return model, meta
+    return load_model(path, model_class(reference), device)
 
 
 @torch.no_grad()
@@ -229,8 +203,7 @@ def _resume_state(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Opt
     """Load the run in ``cfg.out`` into model, optimizer and batch generator; return its step."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(cfg.out, "config.json")) as f:
-        meta = json.load(f)
+    meta = read_config(cfg.out)
     saved = ModelConfig.from_dict(meta["model"])
     if saved != model.config:
         diff = [f"{k}: saved {a!r}, asked {b!r}" for k, a, b in
