@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a dotted prefix names every module below it
     {"lorafast.checks", "lorafast.init_laws", "lorafast.philox"},
     {"lorafast.ops"},
     {"lorafast.local", "lorafast.config"},
-    {"lorafast.reference", "lorafast.model", "lorafast.hub"},
+    {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2"},
     {"lorafast.corpus", "lorafast.train", "lorafast.cli", "lorafast.compile_gate"},
     {"lorafast.bench", "lorafast.__main__"},
 ]

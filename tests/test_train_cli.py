@@ -181,3 +181,21 @@ def test_bench_times_the_training_step_of_train(monkeypatch):
     step = bench_model.setup("lorafast", V=32, E=16, H=16, L=1, B=2, T=8)
     step()
     assert seen == [0, 1]  # the warm-up step and the timed one, through lorafast.train.train_step
+
+
+def test_gpt2_baseline_trains_with_the_same_step():
+    pytest.importorskip("transformers", reason="the [compare] extra is not installed")
+    from lorafast.config import ModelConfig
+    from lorafast.gpt2 import gpt2_like
+    from lorafast.train import train_step
+
+    cfg = ModelConfig(64, 32, 32, 2, num_heads=2, max_seq_len=16, seed=3)
+    g = gpt2_like(cfg)
+    hf = g.model.config
+    assert (hf.n_embd, hf.n_layer, hf.n_head, hf.n_inner, hf.n_positions, hf.vocab_size) == (32, 2, 2, 128, 16, 64)
+    opt = torch.optim.AdamW(g.parameters(), lr=3e-3)
+    x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    losses = [float(train_step(g, opt, x[:, :-1], x[:, 1:], s, 3e-3)) for s in range(8)]
+    assert abs(losses[0] - math.log(64)) < 0.3 and losses[-1] < losses[0] - 0.5
+    with pytest.raises(ValueError, match="embedding_dim"):
+        gpt2_like(ModelConfig(64, 16, 32, 1))
