@@ -155,6 +155,8 @@ def check_ids(x: object, vocab_size: int, max_seq_len: int, what: str = "ids") -
         raise ValueError(f"{what} is empty: shape {tuple(x.shape)}")
     if T > max_seq_len:
         raise ValueError(f"{what} has seq_len {T} > max_seq_len {max_seq_len}")
+    if torch.compiler.is_compiling():  # a value check is a host sync: a graph break. Shapes only.
+        return x.long()
     lo, hi = (int(v) for v in torch.aminmax(x))  # one host sync
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
@@ -169,6 +171,8 @@ def check_targets(targets: object, shape: torch.Size, vocab_size: int, ignore_in
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.shape != shape:
         raise ValueError(f"targets must have the shape of the ids {tuple(shape)}, got {tuple(targets.shape)}")
+    if torch.compiler.is_compiling():  # as in check_ids: no value check (host sync) under torch.compile
+        return targets.long()
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         v = int(targets[bad][0])
@@ -279,8 +283,14 @@ class LoRA(nn.Module):
             h = block(h)
         return self.ln_f(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> logits [B, T, vocab_size]."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab_size] (fp32 for fp32 weights); with ``targets``
+        [B, T], the mean next-token cross-entropy instead, as :meth:`loss` (the accelerated model
+        then never forms the logits), so that ``torch.compile(model)(ids, targets)`` compiles a
+        whole training forward. Under ``torch.compile`` the ids and targets are checked for
+        dtype and shape only (a value check would be a host sync); validate data beforehand."""
+        if targets is not None:
+            return self.loss(x, targets, ignore_index)
         return self.head(self.hidden(x))
 
     def head_probs(self, h: torch.Tensor, temperature: float = 1.0, log: bool = False) -> torch.Tensor:

@@ -146,7 +146,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     Redraws the local tensors for ``step`` (clearing the optimizer state of re-initialised
     adapters), sets the learning rate ``lr`` on every parameter group, computes the loss of ids
     ``x`` against targets ``y`` (int64 [B, T] on the model's device, already validated:
-    ``loss_unchecked``), backpropagates through ``scaler`` (fp16 loss scaling; None: off),
+    ``model.loss_unchecked``, or the compiled forward ``model(x, y)`` of a
+    ``torch.compile``-d model), backpropagates through ``scaler`` (fp16 loss scaling; None: off),
     clips the global gradient norm to ``grad_clip`` (0: off) and updates. Returns the loss, a
     detached 0-dim fp32 tensor on the device (reading it is the caller's host sync).
     """
@@ -155,7 +156,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         g["lr"] = lr
     scaler = scaler if scaler is not None else _NO_SCALING
     with autocast if autocast is not None else contextlib.nullcontext():
-        loss = model.loss_unchecked(x, y)
+        # torch.compile(model) compiles forward only; it checks no values under compile (no sync)
+        loss = model(x, y) if hasattr(model, "_orig_mod") else model.loss_unchecked(x, y)
     scaler.scale(loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)

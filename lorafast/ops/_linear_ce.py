@@ -12,8 +12,9 @@ returns; internally fp32, rounded once at the store).
 
 Out-of-range targets (not ``ignore_index`` and outside [0, V)) never become addresses: the
 kernels only compare targets with column indices. ``check`` chooses when they are reported:
-``None`` (default) raises ValueError eagerly for CPU tensors (free there) and, for CUDA tensors,
-adds no host sync: such rows get a NaN loss (and NaN reaches the mean/sum), computed on device;
+``None`` (default) raises ValueError eagerly for CPU tensors (free there; not under
+``torch.compile``, where it would break the graph) and, for CUDA tensors, adds no host sync:
+such rows get a NaN loss (and NaN reaches the mean/sum), computed on device;
 ``True`` always validates eagerly (one host sync on CUDA); ``False`` never raises (NaN rows only).
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
     if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(opts.ignore_index).__name__}")
-    eager = opts.check if opts.check is not None else h.device.type == "cpu"
+    # default: eager on CPU (free there), except under torch.compile, where it would be a graph break
+    eager = opts.check if opts.check is not None else (h.device.type == "cpu" and not torch.compiler.is_compiling())
     if eager and targets.numel():
         bad = _bad_targets(targets, weight.shape[0], opts.ignore_index)
         if bool(bad.any()):  # one sync on CUDA, only with check=True
