@@ -35,6 +35,10 @@ Two rules on the loops (:meth:`CompileReport.waste`), beside the resource limits
   probe loop of 2 exp2 per thread was unrolled 4 times, 8 ``MUFU.EX2`` in its body); the
   softmax loops of the shipped kernels are far larger and are not unrolled.
 
+A kernel module may also declare hot paths (``sass_paths(config_name, arch)``, see
+:func:`hot_path`): the report then gives the SASS instructions per element issued on each (the
+re-randomisation kernel: per law and dtype).
+
 The gate fails (exit status 1) on ``problems()``; ``--strict`` makes it fail on ``waste()`` too.
 
 Every public module of :mod:`lorafast.kernels` (found by walking the package, so a new module
@@ -138,6 +142,69 @@ def find_loops(instrs: list[Instruction]) -> list[dict]:
     return out
 
 
+def hot_path(instrs: list[Instruction], must: tuple[str, ...] = (),
+             must_not: tuple[str, ...] = ()) -> list[Instruction] | None:
+    """The instructions one thread issues on the shortest path from the entry to an ``EXIT`` that
+    contains an instruction starting with each prefix of ``must`` and none starting with a
+    prefix of ``must_not`` (opcode prefixes: "STG.E.128", "MUFU.RSQ", "F2FP.BF16"); None if no
+    such path exists.
+
+    The static cost of one specialisation of a kernel whose runtime branches pick the work (the
+    law and dtype of a redraw): a loop's backward branch is not taken (its body counts once; see
+    :func:`path_cost` for n iterations), a ``CALL`` counts as one instruction (put "CALL" in
+    ``must_not`` to keep to the fast paths of correctly rounded division and square root, whose
+    slow paths are called subroutines), a predicated instruction counts as issued.
+    """
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    full = (1 << len(must)) - 1
+    # best[k][features seen] = (length of the path up to and including k, predecessor state)
+    best: list[dict[int, tuple[int, tuple[int, int] | None]]] = [dict() for _ in instrs]
+    best[0][0] = (1, None)
+    done: tuple[int, tuple[int, int]] | None = None
+    for k, ins in enumerate(instrs):
+        if not best[k] or any(ins.op.startswith(p) for p in must_not):
+            continue
+        bits = sum(1 << j for j, p in enumerate(must) if ins.op.startswith(p))
+        conditional = bool(ins.pred) and ins.pred != "@PT"
+        succ: list[int] = []
+        target = ins.branch_target()
+        base = ins.op.split(".")[0]
+        if target is not None:
+            conditional = conditional or "," in ins.args          # BRA !P1, target: predicated too
+            if target > ins.addr and target in index:
+                succ.append(index[target])
+            if conditional:
+                succ.append(k + 1)
+        elif base in ("EXIT", "RET"):
+            for mask, (n, _) in best[k].items():
+                if base == "EXIT" and mask | bits == full and (done is None or n < done[0]):
+                    done = (n, (k, mask))
+            if conditional:
+                succ.append(k + 1)
+        else:
+            succ.append(k + 1)
+        for mask, (n, _) in best[k].items():
+            for j in succ:
+                m = mask | bits
+                if j < len(instrs) and (m not in best[j] or best[j][m][0] > n + 1):
+                    best[j][m] = (n + 1, (k, mask))
+    if done is None:
+        return None
+    path, state = [], done[1]
+    while state is not None:
+        path.append(instrs[state[0]])
+        state = best[state[0]][state[1]][1]
+    return path[::-1]
+
+
+def path_cost(instrs: list[Instruction], path: list[Instruction], iterations: int = 1) -> int:
+    """Instructions issued along ``path`` (:func:`hot_path`) when each loop it enters runs
+    ``iterations`` times: its instructions inside a loop body count ``iterations`` times."""
+    loops = [(lp["start"], lp["end"]) for lp in find_loops(instrs)]
+    inside = sum(1 for i in path if any(s <= i.addr <= e for s, e in loops))
+    return len(path) + (iterations - 1) * inside
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
     name: str
@@ -166,6 +233,8 @@ class CompileReport:
     # ... and per loop (find_loops), and the exp2 one thread needs per iteration of the tile
     loops: tuple = ()
     exp2_per_iteration: int | None = None
+    # SASS instructions per element on the hot paths the kernel module declares (sass_paths)
+    paths: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_record(cls, rec: dict) -> "CompileReport":
@@ -262,13 +331,20 @@ def compile_config(cfg: KernelConfig, arch: int) -> CompileReport:
     instrs = parse_sass(sass)
     if not instrs:
         raise RuntimeError(f"{cfg.name}: cannot parse cuobjdump -sass output")
+    paths = {}
+    declared = getattr(importlib.import_module(cfg.fn.__module__), "sass_paths", None)
+    for pname, (must, must_not, per_thread, iterations) in (declared(cfg.name, arch) if declared else {}).items():
+        path = hot_path(instrs, must, must_not)
+        if path is None:
+            raise RuntimeError(f"{cfg.name} sm_{arch}: no path holds {must} without {must_not}")
+        paths[pname] = round(path_cost(instrs, path, iterations) / (per_thread * iterations), 2)
     return CompileReport(
         name=cfg.name, kernel=cfg.fn.__name__, arch=arch, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, registers=reg, stack=stack, local=local,
         shared=int(kernel.metadata.shared) + static_shared, max_shared=MAX_SHARED[arch],
         needs_mma=cfg.needs_mma, allow_spills=cfg.allow_spills, **count_ops(instrs),
         instructions=len(instrs), loops=tuple(find_loops(instrs)),
-        exp2_per_iteration=getattr(cfg, "exp2_per_iteration", None))
+        exp2_per_iteration=getattr(cfg, "exp2_per_iteration", None), paths=paths)
 
 
 def kernel_modules() -> list[str]:
@@ -339,10 +415,21 @@ def format_reports(reports: list[CompileReport]) -> str:
                      tl("hmma"), tl("ex2"), "-" if r.exp2_per_iteration is None else str(r.exp2_per_iteration),
                      tl("membar"), tl("atomics"), str(r.fenced_atomics), tl("bar_sync"), tl("cp_async"),
                      tl("tma"), "ok" if not bad else "; ".join(bad)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = _table(rows)
+    with_paths = [r for r in reports if r.paths]
+    if with_paths:
+        names = sorted({k for r in with_paths for k in r.paths})
+        lines += ["", "SASS instructions per element on the declared hot paths (hot_path, path_cost):"]
+        lines += _table([("config", "sm", *names)] + [(r.name, str(r.arch), *(
+            str(r.paths.get(k, "-")) for k in names)) for r in with_paths])
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def report_record(r: CompileReport) -> dict:

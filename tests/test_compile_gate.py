@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lorafast.compile_gate import CompileReport, find_loops, parse_sass, shipped_configs  # noqa: E402
+from lorafast.compile_gate import (CompileReport, find_loops, hot_path, parse_sass, path_cost,  # noqa: E402
+                                   shipped_configs)
 
 CONFIGS = shipped_configs()
 ENV = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -93,6 +94,34 @@ def test_shipped_config_loop_exp2_within_tile_need(cfg, reports):
         assert r.exp2_per_iteration is not None, f"{r.name}: {ex2} MUFU.EX2 per loop iteration, no declared need"
         assert ex2 <= r.exp2_per_iteration, f"{r.name}: {ex2} MUFU.EX2 per loop iteration > {r.exp2_per_iteration}"
     assert not [w for w in r.waste() if "EX2" in w]
+
+
+# Two runtime paths: a loop (0x20-0x40) of I2F work, or MUFU.RSQ work with a called slow path.
+_PATHS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/               @P0 BRA 0x60 ;
+        /*0020*/                   I2FP.F32.U32 R1, R0 ;
+        /*0030*/                   FMUL R1, R1, R1 ;
+        /*0040*/              @!P1 BRA 0x20 ;
+        /*0050*/                   BRA 0x90 ;
+        /*0060*/                   MUFU.RSQ R1, R0 ;
+        /*0070*/               @P2 BRA 0x90 ;
+        /*0080*/                   CALL.REL.NOINC 0xb0 ;
+        /*0090*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   RET.REL.NODEC R2 0x0 ;
+"""
+
+
+def test_hot_path_on_a_listing():
+    instrs = parse_sass(_PATHS)
+    uniform = hot_path(instrs, ("I2F", "STG.E.128"), ("MUFU",))
+    assert [i.addr for i in uniform] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50, 0x90, 0xa0]
+    assert path_cost(instrs, uniform, 3) == 8 + 2 * 3              # the loop body counts 3 times
+    normal = hot_path(instrs, ("MUFU.RSQ", "STG.E.128"), ("CALL",))
+    assert [i.addr for i in normal] == [0x0, 0x10, 0x60, 0x70, 0x90, 0xa0] and path_cost(instrs, normal, 3) == 6
+    assert len(hot_path(instrs, ("MUFU.RSQ", "CALL"))) == 7        # the slow path: the CALL counts once
+    assert hot_path(instrs, ("STG",), ("I2F", "MUFU")) is None
 
 
 def test_every_kernel_module_ships_configs():
