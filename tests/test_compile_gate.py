@@ -124,6 +124,22 @@ def test_hot_path_on_a_listing():
     assert hot_path(instrs, ("STG",), ("I2F", "MUFU")) is None
 
 
+# SASS instructions per element on the re-randomisation hot paths (sm_90, Philox-10, interior chunk
+# of a large tensor): ceilings a little above today's figures (17.3 / 56.3 fp32, 18.2 / 57.6
+# bf16), far under the kernel of the issue (34.3 / 74.9, bf16 37.8 / 78.4)
+REDRAW_CEILINGS = {"uniform_fp32": 18.5, "uniform_fp16": 19.5, "uniform_bf16": 19.5,
+                   "normal_fp32": 58.0, "normal_fp16": 58.5, "normal_bf16": 59.0}
+
+
+def test_rerandomize_instructions_per_element(reports):
+    r = reports[("rerandomize_r10_aligned", 90)]
+    assert set(r.paths) == set(REDRAW_CEILINGS), r.paths
+    for name, ceiling in REDRAW_CEILINGS.items():
+        assert 10 < r.paths[name] <= ceiling, (name, r.paths[name], ceiling)
+    assert r.paths["uniform_fp32"] > reports[("rerandomize_r7_aligned", 90)].paths["uniform_fp32"]   # 3 rounds fewer
+    assert not reports[("rerandomize_r10_unaligned", 90)].paths and not reports[("rerandomize_r10_aligned", 80)].paths
+
+
 def test_every_kernel_module_ships_configs():
     modules = {c.fn.__module__ if hasattr(c.fn, "__module__") else "" for c in CONFIGS}
     names = {c.name.split("_")[0] for c in CONFIGS}
