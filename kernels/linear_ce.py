@@ -153,9 +153,10 @@ def _ce_bwd_kernel(
     Math: dz = (exp(z - lse) - onehot(y)) * g[:, None]; dh += dz W; dW += dz^T h; db += sum_n dz.
     Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dh [N, D], dW [V, D], db [V]
             contiguous fp32; grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
-    Dtypes: recomputed z and dz in fp32; dz * g / max|g| is cast to the input dtype for the two
-            tensor-core dots (fp32 accumulation), max|g| applied after them (no fp16 underflow of
-            dz * g); dh, dW, db accumulate in fp32 with atomic adds.
+    Dtypes: recomputed z and dz in fp32; the dh dot takes dz cast to the input dtype and g_n
+            multiplies its rows after it; the dW dot takes (cast dz) * g / max|g| (max over the
+            tile) and max|g| is applied after it; fp32 accumulation; db from fp32 dz * g. dh,
+            dW, db accumulate in fp32 with atomic adds.
     Mutates: adds into dh, dW, db (zero-initialised by the launcher); reads everything else.
     Preconditions: lse is the fp32 LSE of z per row; g = 0 for ignored rows; y never an address.
     """
@@ -174,32 +175,48 @@ def _ce_bwd_kernel(
     # softmax recomputed from the saved LSE: p = exp2((z - lse) * log2 e)
     p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
     dz = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
-    # g is folded in relative to the tile's largest |g| and the scale applied after the dots:
-    # dz * g itself (about 1 / N for a mean) would underflow fp16 before the tensor-core dot.
-    g_scale = tl.max(tl.abs(g), axis=0)
-    g_scale = tl.where(g_scale > 0, g_scale, 1.0)
-    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz * (g / g_scale)[:, None], 0.0)
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0) * g_scale, mask=mask_v)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=mask_v)
+    # dh_n = g_n * sum_v dz[n, v] W[v]: the row weight commutes with the sum over the vocabulary,
+    # so the dot takes dz unscaled (entries in [-1, 1]) and g_n multiplies its fp32 result. A
+    # row's precision then does not depend on the other rows of the tile (folding g in before
+    # the cast would push rows with a small g into fp16 subnormals: issue 13, item 3).
     dzc = dz.to(h_ptr.dtype.element_ty)
-    h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
-    w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
-    dh_ptrs = dh_ptr + offs_n[:, None] * D + offs_d[None, :]
-    dw_ptrs = dw_ptr + offs_v[:, None] * D + offs_d[None, :]
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = (d0 + offs_d) < D
-        if COMPUTE_DH:
+    if COMPUTE_DH:
+        w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+        dh_ptrs = dh_ptr + offs_n[:, None] * D + offs_d[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = (d0 + offs_d) < D
             w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            dh = tl.dot(dzc, w, input_precision=DOT_PRECISION) * g_scale  # [BLOCK_N, BLOCK_D]
+            dh = tl.dot(dzc, w, input_precision=DOT_PRECISION) * g[:, None]  # [BLOCK_N, BLOCK_D]
             tl.atomic_add(dh_ptrs, dh, mask=mask_n[:, None] & mask_d[None, :])
-        if COMPUTE_DW:
+            w_ptrs += BLOCK_D * stride_wd
+            dh_ptrs += BLOCK_D
+    if COMPUTE_DW:
+        # dW_v = sum_n g_n dz[n, v] h_n sums over rows, so g cannot leave the sum. In fp16/bf16 it
+        # scales the rows of h (not the [BLOCK_N, BLOCK_V] dz operand: a second one spills on
+        # sm_80), relative to the tile's largest |g|: g itself, about 1 / N for a mean, would
+        # underflow fp16; a row's contribution is rounded relative to the largest contribution
+        # it is summed with. max|g| multiplies the fp32 result.
+        if h_ptr.dtype.element_ty == tl.float32:
+            dzc = dz * g[:, None]
+            g_scale = 1.0
+        else:
+            g_scale = tl.max(tl.abs(g), axis=0)
+            g_scale = tl.where(g_scale > 0, g_scale, 1.0)
+        g_rel = (g / g_scale)[:, None]
+        h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+        dw_ptrs = dw_ptr + offs_v[:, None] * D + offs_d[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = (d0 + offs_d) < D
             h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if h_ptr.dtype.element_ty != tl.float32:
+                h = (h.to(tl.float32) * g_rel).to(h_ptr.dtype.element_ty)
             dw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PRECISION) * g_scale  # [BLOCK_V, BLOCK_D]
             tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_d[None, :])
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
-        dh_ptrs += BLOCK_D
-        dw_ptrs += BLOCK_D
+            h_ptrs += BLOCK_D * stride_hd
+            dw_ptrs += BLOCK_D
 
 
 @triton.jit
