@@ -83,6 +83,18 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, strid
 
 
 @triton.jit
+def _grouped_tile(pid, n_row_tiles, n_col_tiles, group):
+    """(row tile, column tile) of program ``pid`` in grouped order (Triton tutorial 03): programs
+    walk ``group`` row tiles down one column of tiles before moving to the next column, so the
+    programs in flight at once share a few row tiles and a few column tiles (L2 reuse)."""
+    per_group = group * n_col_tiles
+    first = (pid // per_group) * group
+    size = tl.minimum(n_row_tiles - first, group)
+    r = pid % per_group
+    return first + r % size, r // size
+
+
+@triton.jit
 def _lse_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, zt_ptr,
@@ -142,7 +154,7 @@ def _ce_bwd_kernel(
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd,
     # sizes
-    N, V, D,
+    N, V, D, GROUP_N,
     # constexprs
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
@@ -152,16 +164,17 @@ def _ce_bwd_kernel(
 
     Math: dz = (exp(z - lse) - onehot(y)) * g[:, None]; dh += dz W; dW += dz^T h; db += sum_n dz.
     Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dh [N, D], dW [V, D], db [V]
-            contiguous fp32; grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
-    Dtypes: recomputed z and dz in fp32; the dh dot takes dz cast to the input dtype and g_n
-            multiplies its rows after it; the dW dot takes (cast dz) * g / max|g| (max over the
-            tile) and max|g| is applied after it; fp32 accumulation; db from fp32 dz * g. dh,
-            dW, db accumulate in fp32 with atomic adds.
+            contiguous fp32; grid (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),) in grouped order
+            (GROUP_N row tiles per column of tiles).
+    Dtypes: recomputed z and dz in fp32; both dots take dz cast to the input dtype: g_n
+            multiplies the rows of the dh dot's fp32 result; the dW dot takes h * g / max|g|
+            (max over the tile; fp32 inputs: dz * g) and max|g| multiplies its result; fp32
+            accumulation; db from fp32 dz * g. dh, dW, db accumulate in fp32 with relaxed atomic
+            adds (no fence: nothing in the kernel reads what another program adds).
     Mutates: adds into dh, dW, db (zero-initialised by the launcher); reads everything else.
     Preconditions: lse is the fp32 LSE of z per row; g = 0 for ignored rows; y never an address.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,7 +190,7 @@ def _ce_bwd_kernel(
     dz = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
     dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=mask_v)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=mask_v, sem="relaxed")
     # dh_n = g_n * sum_v dz[n, v] W[v]: the row weight commutes with the sum over the vocabulary,
     # so the dot takes dz unscaled (entries in [-1, 1]) and g_n multiplies its fp32 result. A
     # row's precision then does not depend on the other rows of the tile (folding g in before
@@ -190,7 +203,7 @@ def _ce_bwd_kernel(
             mask_d = (d0 + offs_d) < D
             w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             dh = tl.dot(dzc, w, input_precision=DOT_PRECISION) * g[:, None]  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(dh_ptrs, dh, mask=mask_n[:, None] & mask_d[None, :])
+            tl.atomic_add(dh_ptrs, dh, mask=mask_n[:, None] & mask_d[None, :], sem="relaxed")
             w_ptrs += BLOCK_D * stride_wd
             dh_ptrs += BLOCK_D
     if COMPUTE_DW:
@@ -214,7 +227,7 @@ def _ce_bwd_kernel(
             if h_ptr.dtype.element_ty != tl.float32:
                 h = (h.to(tl.float32) * g_rel).to(h_ptr.dtype.element_ty)
             dw = tl.dot(tl.trans(dzc), h, input_precision=DOT_PRECISION) * g_scale  # [BLOCK_V, BLOCK_D]
-            tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_d[None, :])
+            tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
             h_ptrs += BLOCK_D * stride_hd
             dw_ptrs += BLOCK_D
 
@@ -277,7 +290,7 @@ _CONFIGS = {
     ("bwd", "half"): TileConfig(128, 128, 64, 8, 2),
     ("write", "half"): TileConfig(128, 128, 64, 8, 3),
     ("lse", "fp32"): TileConfig(64, 64, 32, 4, 2),
-    ("bwd", "fp32"): TileConfig(32, 32, 32, 4, 2),
+    ("bwd", "fp32"): TileConfig(32, 32, 32, 4, 3),
     ("write", "fp32"): TileConfig(64, 64, 32, 4, 2),
 }
 
@@ -336,6 +349,18 @@ def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.logsumexp(lse, dim=0), (zt.sum(0) if targets is not None else None)
 
 
+# Grouped launch order of the backward: the programs in flight add into the dh rows of
+# GROUP_N row tiles and the dW rows of the few vocabulary tiles they sweep together. GROUP_N
+# row tiles of fp32 dh (GROUP_N * BLOCK_N * D * 4 bytes) are kept to about 16 MiB, a third of
+# the H100/H200 L2 (50 MiB), so that they stay resident while the group sweeps the vocabulary:
+# the dh buffer then crosses HBM about once, and each dW row once per group of rows.
+L2_GROUP_BYTES = 16 << 20
+
+
+def _group_rows(block_n: int, D: int) -> int:
+    return max(1, min(64, L2_GROUP_BYTES // (block_n * D * 4)))
+
+
 # Rows of W per backward launch. dW accumulates in fp32 (bf16 accumulation across row blocks
 # hurts convergence at large vocabularies), but only for one vocabulary chunk at a time, which is
 # then rounded into the output: the fp32 accumulator is VOCAB_CHUNK x D (8192 x 4096 x 4 B =
@@ -365,14 +390,14 @@ def ce_backward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         acc = dw_acc[:vc].zero_() if need_dw else None
         # Targets relative to the chunk: ids of other chunks fall outside [0, vc) and never match.
         tgt = targets if v0 == 0 else targets - v0
-        grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(vc, cfg.BLOCK_V))
+        grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(vc, cfg.BLOCK_V),)
         _ce_bwd_kernel[grid](
             h_ptr=h, w_ptr=weight[v0:v0 + vc], b_ptr=bias[v0:v0 + vc] if bias is not None else h,
             tgt_ptr=tgt, lse_ptr=lse, g_ptr=grad_rows, dh_ptr=dh if dh is not None else dummy,
             dw_ptr=acc if acc is not None else dummy, db_ptr=db[v0:v0 + vc] if db is not None else dummy,
             stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-            N=N, V=vc, D=D, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-            HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            N=N, V=vc, D=D, GROUP_N=_group_rows(cfg.BLOCK_N, D), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V,
+            BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
             DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if need_dw:
             dw[v0:v0 + vc].copy_(acc)  # round this chunk once into the output dtype
@@ -436,8 +461,8 @@ def compile_configs():
             sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
                    "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
                    "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr",
-                   "N": "i32", "V": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-                   "BLOCK_D": "constexpr", "HAS_BIAS": "constexpr", "COMPUTE_DH": "constexpr",
+                   "N": "i32", "V": "i32", "D": "i32", "GROUP_N": "i32", "BLOCK_N": "constexpr",
+                   "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "HAS_BIAS": "constexpr", "COMPUTE_DH": "constexpr",
                    "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "DOT_PRECISION": "constexpr"}
             ce = {"stride_hd": 1, "stride_wd": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
                   "BLOCK_D": c.BLOCK_D, "HAS_BIAS": has_bias, "COMPUTE_DH": True, "COMPUTE_DW": True,
