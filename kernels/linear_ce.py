@@ -59,13 +59,12 @@ LN2 = 0.6931471805599453
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv, stride_wd,
-                N, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
+                stride_wd, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v].T (+ b[offs_v]), fp32 accumulation."""
+    """z[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v].T (+ b[offs_v]), fp32 accumulation; rows of h
+    outside ``mask_n`` and of W outside ``mask_v`` read as 0."""
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_v = offs_v < V
     h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
     w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -133,8 +132,8 @@ def _lse_kernel(
     v_end = tl.minimum(v_start + TILES_PER_SPLIT * BLOCK_V, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
-                        stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, offs_v < V, stride_hn, stride_hd,
+                        stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
         if HAS_TARGET:
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         x2 = tl.where((offs_v < V)[None, :], z * scale2, float("-inf"))
@@ -148,49 +147,58 @@ def _lse_kernel(
 
 
 @triton.jit
-def _ce_bwd_kernel(
+def _ce_dlogits_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
     # strides
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn,
     # sizes
-    N, V, D, GROUP_N,
+    N, D, V_START, V_STOP, GROUP_N,
     # constexprs
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Gradients of loss_n = g_n * (lse_n - z[n, y_n]) for one (row block, vocab block) tile.
+    """Softmax gradient of one logit tile, written out for the launcher's GEMMs (dense backward).
 
-    Math: dz = (exp(z - lse) - onehot(y)) * g[:, None]; dh += dz W; dW += dz^T h; db += sum_n dz.
-    Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dh [N, D], dW [V, D], db [V]
-            contiguous fp32; grid (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),) in grouped order
-            (GROUP_N row tiles per column of tiles).
-    Dtypes: recomputed z and dz in fp32; both dots take dz cast to the input dtype: g_n
-            multiplies the rows of the dh dot's fp32 result; the dW dot takes h * g / max|g|
-            (max over the tile; fp32 inputs: dz * g) and max|g| multiplies its result; fp32
-            accumulation; db from fp32 dz * g. dh, dW, db accumulate in fp32 with relaxed atomic
-            adds (no fence: nothing in the kernel reads what another program adds).
-    Mutates: adds into dh, dW, db (zero-initialised by the launcher); reads everything else.
-    Preconditions: lse is the fp32 LSE of z per row; g = 0 for ignored rows; y never an address.
+    Math: z = h W^T + b (recomputed); dz[n, c] = exp(z[n, v] - lse_n) - [y_n == v] with
+          v = V_START + c; db[v] += sum_n g_n dz[n, v]. dh = g * (dz W) and dW = dz^T (g * h)
+          are the launcher's (tensor-core GEMMs with no atomics).
+    Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dz [N, V_STOP - V_START]
+            (row stride stride_dzn, unit column stride); db [V] fp32; grid
+            (cdiv(N, BLOCK_N) * cdiv(V_STOP - V_START, BLOCK_V),), GROUP_N row tiles per column.
+    Dtypes: z and the softmax in fp32; dz rounded once to the input dtype, unscaled (entries in
+            [-1, 1]: the row weights g are applied by the GEMMs, so a row's precision does not
+            depend on the other rows); db from fp32 dz * g, relaxed atomic adds.
+    Mutates: writes dz (rows < N, columns < V_STOP - V_START); adds into db; reads the rest.
+    Preconditions: lse is the fp32 LSE of z per row; y is only compared, never an address.
     """
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    n_cols = V_STOP - V_START
+    pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = V_START + offs_c.to(tl.int64)
     mask_n = offs_n < N
-    mask_v = offs_v < V
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
-                    stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    mask_c = offs_c < n_cols
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_c, stride_hn, stride_hd, stride_wv,
+                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    lse2 = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
-    # softmax recomputed from the saved LSE: p = exp2((z - lse) * log2 e)
-    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
-    dz = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+    # p = exp2(z log2 e - lse log2 e): one FMA and one MUFU.EX2 per element
+    dz = tl.exp2(z * 1.4426950408889634 - lse2[:, None]) - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=mask_v, sem="relaxed")
+        g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(tl.where(mask_n[:, None], dz * g[:, None], 0.0), axis=0),
+                      mask=mask_c, sem="relaxed")
+    dz_ptrs = dz_ptr + offs_n[:, None] * stride_dzn + offs_c[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _ce_bwd_tile_dots(h_ptr, w_ptr, dh_ptr, dw_ptr, dz, g, offs_n, offs_v, offs_c, mask_n, mask_v,
+                      stride_hn, stride_hd, stride_wv, stride_wd, D, BLOCK_D: tl.constexpr,
+                      COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dh[offs_n] += g * (dz W[offs_v]); dW accumulator[offs_c] += dz^T (g * h[offs_n]) (relaxed atomics)."""
+    offs_d = tl.arange(0, BLOCK_D)
     # dh_n = g_n * sum_v dz[n, v] W[v]: the row weight commutes with the sum over the vocabulary,
     # so the dot takes dz unscaled (entries in [-1, 1]) and g_n multiplies its fp32 result. A
     # row's precision then does not depend on the other rows of the tile (folding g in before
@@ -220,7 +228,7 @@ def _ce_bwd_kernel(
             g_scale = tl.where(g_scale > 0, g_scale, 1.0)
         g_rel = (g / g_scale)[:, None]
         h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
-        dw_ptrs = dw_ptr + offs_v[:, None] * D + offs_d[None, :]
+        dw_ptrs = dw_ptr + offs_c[:, None] * D + offs_d[None, :]
         for d0 in range(0, D, BLOCK_D):
             mask_d = (d0 + offs_d) < D
             h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -230,6 +238,73 @@ def _ce_bwd_kernel(
             tl.atomic_add(dw_ptrs, dw, mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
             h_ptrs += BLOCK_D * stride_hd
             dw_ptrs += BLOCK_D
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, order_ptr, dh_ptr, dw_ptr, db_ptr,
+    # strides
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    # sizes
+    N, D, V_START, V_STOP, GROUP_N,
+    # runtime scalars
+    filter_eps,
+    # constexprs
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Gradients of loss_n = g_n * (lse_n - z[n, y_n]) for one tile, fused (filtered backward).
+
+    Math: dz = exp(z - lse) - onehot(y); dh += g * (dz W); dW += dz^T (g * h); db += dz^T g.
+          FILTER: a tile whose |dz| < filter_eps everywhere adds nothing to dh and dW (Cut
+          Cross-Entropy's gradient filter; db stays exact).
+    Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; this launch covers the
+            vocabulary positions [V_START, V_STOP): row order[p] of W with HAS_ORDER (vocabulary
+            sorted by mean logit), row p otherwise; dh [N, D] and the chunk's dW accumulator
+            [V_STOP - V_START, D] (by position) contiguous fp32, db [V] fp32 (by row);
+            grid (cdiv(N, BLOCK_N) * cdiv(V_STOP - V_START, BLOCK_V),), GROUP_N row tiles per column.
+    Dtypes: recomputed z and dz in fp32; both dots take dz cast to the input dtype: g_n
+            multiplies the rows of the dh dot's fp32 result; the dW dot takes h * g / max|g|
+            (max over the tile; fp32 inputs: dz * g) and max|g| multiplies its result; fp32
+            accumulation; db from fp32 dz * g. dh, dW, db accumulate in fp32 with relaxed atomic
+            adds (no fence: nothing in the kernel reads what another program adds).
+    Mutates: adds into dh, dW, db (zero-initialised by the launcher); reads everything else.
+    Preconditions: lse is the fp32 LSE of z per row; g = 0 for ignored rows; y never an address;
+            order a permutation of [0, V).
+    """
+    n_cols = V_STOP - V_START
+    pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_c < n_cols
+    if HAS_ORDER:
+        offs_v = tl.load(order_ptr + V_START + offs_c, mask=mask_v, other=0).to(tl.int64)
+    else:
+        offs_v = V_START + offs_c
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
+                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    # softmax recomputed from the saved LSE: p = exp2((z - lse) * log2 e)
+    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
+    dz = p - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
+    # rows with g = 0 (ignored targets) are zero, so that they never keep a tile from the filter
+    dz = tl.where((mask_n & (g != 0))[:, None] & mask_v[None, :], dz, 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=mask_v, sem="relaxed")
+    if FILTER:
+        if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps:
+            _ce_bwd_tile_dots(h_ptr, w_ptr, dh_ptr, dw_ptr, dz, g, offs_n, offs_v, offs_c, mask_n, mask_v,
+                              stride_hn, stride_hd, stride_wv, stride_wd, D, BLOCK_D, COMPUTE_DH, COMPUTE_DW,
+                              DOT_PRECISION)
+    else:
+        _ce_bwd_tile_dots(h_ptr, w_ptr, dh_ptr, dw_ptr, dz, g, offs_n, offs_v, offs_c, mask_n, mask_v,
+                          stride_hn, stride_hd, stride_wv, stride_wd, D, BLOCK_D, COMPUTE_DH, COMPUTE_DW,
+                          DOT_PRECISION)
 
 
 @triton.jit
@@ -261,8 +336,8 @@ def _softmax_write_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, stride_hn, stride_hd, stride_wv,
-                    stride_wd, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
+                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     if IS_LOG:
         out = z * scale - lse[:, None]
@@ -288,9 +363,11 @@ class TileConfig:
 _CONFIGS = {
     ("lse", "half"): TileConfig(128, 128, 64, 8, 3),
     ("bwd", "half"): TileConfig(128, 128, 64, 8, 2),
+    ("dlogits", "half"): TileConfig(128, 128, 64, 8, 3),
     ("write", "half"): TileConfig(128, 128, 64, 8, 3),
     ("lse", "fp32"): TileConfig(64, 64, 32, 4, 2),
     ("bwd", "fp32"): TileConfig(32, 32, 32, 4, 3),
+    ("dlogits", "fp32"): TileConfig(64, 64, 32, 4, 2),
     ("write", "fp32"): TileConfig(64, 64, 32, 4, 2),
 }
 
@@ -302,6 +379,18 @@ def _config(kind: str, dtype: torch.dtype, device: torch.device, N: int, D: int)
         return TileConfig(min(64, max(16, triton.next_power_of_2(N))), 256,
                           min(64, max(16, triton.next_power_of_2(D))), 1, 1)
     return _CONFIGS[(kind, "fp32" if dtype == torch.float32 else "half")]
+
+
+# CUDA launch limits: grid x up to 2**31 - 1, y and z up to 65535.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+
+def _check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    if grid[0] > MAX_GRID_X or any(g > MAX_GRID_YZ for g in grid[1:]):
+        raise ValueError(f"linear_ce: launch grid {grid} exceeds CUDA's limits (x <= {MAX_GRID_X}, "
+                         f"y, z <= {MAX_GRID_YZ})")
+    return grid
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -349,11 +438,13 @@ def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.logsumexp(lse, dim=0), (zt.sum(0) if targets is not None else None)
 
 
-# Grouped launch order of the backward: the programs in flight add into the dh rows of
-# GROUP_N row tiles and the dW rows of the few vocabulary tiles they sweep together. GROUP_N
-# row tiles of fp32 dh (GROUP_N * BLOCK_N * D * 4 bytes) are kept to about 16 MiB, a third of
-# the H100/H200 L2 (50 MiB), so that they stay resident while the group sweeps the vocabulary:
-# the dh buffer then crosses HBM about once, and each dW row once per group of rows.
+# Grouped launch order of the backward kernels: the programs in flight work on GROUP_N row
+# tiles and the few vocabulary tiles those sweep together. GROUP_N row tiles of fp32 dh
+# (GROUP_N * BLOCK_N * D * 4 bytes) are kept to about 16 MiB, a third of the H100/H200 L2
+# (50 MiB), so that they stay resident while the group sweeps the vocabulary: in the fused
+# backward the dh buffer then crosses HBM about once and each dW row once per group of rows,
+# instead of dh once per vocabulary tile; in the dense one the group's rows of h are read from
+# HBM once per vocabulary chunk.
 L2_GROUP_BYTES = 16 << 20
 
 
@@ -361,47 +452,177 @@ def _group_rows(block_n: int, D: int) -> int:
     return max(1, min(64, L2_GROUP_BYTES // (block_n * D * 4)))
 
 
-# Rows of W per backward launch. dW accumulates in fp32 (bf16 accumulation across row blocks
-# hurts convergence at large vocabularies), but only for one vocabulary chunk at a time, which is
-# then rounded into the output: the fp32 accumulator is VOCAB_CHUNK x D (8192 x 4096 x 4 B =
-# 128 MiB) instead of V x D, and no second full-size copy is made for the cast.
+def _tile_grid(n_rows: int, n_cols: int, cfg: TileConfig) -> tuple[int]:
+    """1-D grid over the [n_rows, n_cols] tiles; raises if it exceeds CUDA's x limit."""
+    return _check_grid((triton.cdiv(n_rows, cfg.BLOCK_N) * triton.cdiv(n_cols, cfg.BLOCK_V),))
+
+
+# Dense backward: softmax-gradient tiles are written to a buffer of at most DZ_CHUNK_ELEMS
+# elements (128 MiB in bf16) and reduced by tensor-core GEMMs, vocabulary chunk by chunk (and
+# row slice by row slice when N alone exceeds it). Chunks are at most 1/8 of the vocabulary, so
+# the buffer stays under 1/8 of the logits eager PyTorch materialises, and at least
+# MIN_DZ_COLS wide (the K of the dh GEMM). The chunk's dW rows are staged in fp32 (DW_STAGE_ELEMS
+# bounds that: 32 MiB) to apply the gradient scale before the one rounding to the output dtype.
+DZ_CHUNK_ELEMS = 1 << 26
+MIN_DZ_COLS = 1024
+DW_STAGE_ELEMS = 1 << 23
+
+
+def _dz_chunking(N: int, V: int, D: int, block_v: int) -> tuple[int, int]:
+    """(rows per slice, vocabulary columns per chunk) of the dense backward's dz buffer."""
+    cols = min(DZ_CHUNK_ELEMS // max(N, 1), triton.cdiv(V, 8), max(block_v, DW_STAGE_ELEMS // D))
+    cols = min(triton.cdiv(max(cols, MIN_DZ_COLS, 1), block_v) * block_v, V)
+    rows = max(1, min(N, DZ_CHUNK_ELEMS // cols))
+    return rows, cols
+
+
+def _addmm_f32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float) -> None:
+    """out = beta * out + a @ b, accumulated and stored in fp32 (out is fp32; a, b the input dtype)."""
+    if a.dtype == torch.float32:
+        torch.addmm(out, a, b, beta=beta, out=out)
+    elif out.is_cuda:
+        # cuBLAS with fp16/bf16 operands and fp32 C/D (torch >= 2.8: addmm's out_dtype)
+        torch.addmm(out, a, b, beta=beta, out_dtype=torch.float32, out=out)
+    else:  # CPU (the interpreter's tests): fp16/bf16 products are exact in fp32
+        out.addmm_(a.float(), b.float(), beta=beta)
+
+
+def _ce_backward_dense(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+    N, D = h.shape
+    V = weight.shape[0]
+    dt, dev = h.dtype, h.device
+    cfg = _config("dlogits", dt, dev, N, D)
+    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_db else None
+    dh32 = torch.zeros((N, D), device=dev, dtype=torch.float32) if need_dh else None
+    dw = hg = None
+    if need_dw:
+        dw = torch.empty((V, D), device=dev, dtype=dt)
+        # dW = dz^T (g * h): the rows of h carry their weight into the GEMM, relative to max|g|
+        # in fp16/bf16 (g alone, about 1 / N for a mean, would leave fp16's normal range);
+        # max|g| multiplies the fp32 result before its one rounding. A device scalar: no sync.
+        gmax = g.abs().amax()
+        gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+        hg = torch.empty_like(h, memory_format=torch.contiguous_format)
+        torch.mul(h, (g if dt == torch.float32 else g / gmax)[:, None], out=hg)  # fp32 math, one rounding
+    rows, cols = _dz_chunking(N, V, D, cfg.BLOCK_V)
+    buf = torch.empty((rows * cols,), device=dev, dtype=dt)
+    dw_acc = torch.empty((cols * D,), device=dev, dtype=torch.float32) if need_dw and dt != torch.float32 else None
+    dummy = lse
+    for v0 in range(0, V, cols):
+        vc = min(cols, V - v0)
+        w_chunk = weight[v0:v0 + vc]
+        acc = None
+        if need_dw:
+            acc = dw_acc[:vc * D].view(vc, D) if dw_acc is not None else dw[v0:v0 + vc]
+        for r0 in range(0, N, rows):
+            nr = min(rows, N - r0)
+            dz = buf[:nr * vc].view(nr, vc)
+            _ce_dlogits_kernel[_tile_grid(nr, vc, cfg)](
+                h_ptr=h[r0:r0 + nr], w_ptr=weight, b_ptr=bias if bias is not None else h,
+                tgt_ptr=targets[r0:r0 + nr], lse_ptr=lse[r0:r0 + nr], g_ptr=g[r0:r0 + nr], dz_ptr=dz,
+                db_ptr=db if db is not None else dummy,
+                stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
+                stride_wd=weight.stride(1), stride_dzn=dz.stride(0),
+                N=nr, D=D, V_START=v0, V_STOP=v0 + vc, GROUP_N=_group_rows(cfg.BLOCK_N, D),
+                BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None,
+                COMPUTE_DB=need_db, DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+            if need_dh:  # dh rows += dz W_chunk, fp32 accumulation across vocabulary chunks
+                _addmm_f32(dh32[r0:r0 + nr], dz, w_chunk, beta=1.0)
+            if need_dw:  # dW chunk (+)= dz^T (g * h) over the row slices
+                _addmm_f32(acc, dz.t(), hg[r0:r0 + nr], beta=0.0 if r0 == 0 else 1.0)
+        if need_dw and dw_acc is not None:
+            torch.mul(acc, gmax, out=dw[v0:v0 + vc])  # the chunk's one rounding to the output dtype
+    del buf, dw_acc
+    dh = None
+    if need_dh:
+        # dh = g * (dz W): the row weights commute with the sum over the vocabulary. The result
+        # is rounded into hg's memory (same shape and dtype, no longer needed), so the cast adds
+        # no N x D buffer beside the fp32 accumulator.
+        if dt == torch.float32:
+            dh = dh32.mul_(g[:, None])
+        elif hg is not None:
+            dh = torch.mul(dh32, g[:, None], out=hg)
+        else:
+            dh = (dh32 * g[:, None]).to(dt)
+    return dh, dw, db
+
+
+# Filtered backward: rows of W per launch. dW accumulates in fp32 (bf16 accumulation across row
+# blocks hurts convergence at large vocabularies), but only for one vocabulary chunk at a time,
+# which is then rounded into the output: the fp32 accumulator is VOCAB_CHUNK x D (8192 x 4096 x
+# 4 B = 128 MiB) instead of V x D.
 VOCAB_CHUNK = 8192
 
 
-def ce_backward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool):
-    """(dh fp32 [N, D] | None, dW [V, D] in weight's dtype | None, db fp32 [V] | None) for
-    loss_n = g_n (lse_n - z[n, y_n]); one launch per VOCAB_CHUNK rows of W, no host sync."""
+def _vocab_order(h, weight, bias, g):
+    """Vocabulary rows sorted by decreasing mean logit over the rows that carry a gradient
+    (weights |g|): mean_n |g_n| z[n, v] / sum |g| = W_v . h_bar + b_v with h_bar the |g|-weighted
+    mean of h. Rows of large softmax probability then share vocabulary tiles and the other tiles
+    are skipped by the filter (Cut Cross-Entropy sorts by the average logit). One GEMV over W."""
+    wts = g.abs()
+    wts = (wts / wts.sum().clamp_min(torch.finfo(torch.float32).tiny)).to(h.dtype)
+    if h.is_cuda:
+        h_bar = torch.mv(h.t(), wts)
+        mean_logit = torch.mv(weight, h_bar).float()
+    else:
+        mean_logit = torch.mv(weight.float(), torch.mv(h.t().float(), wts.float()))
+    if bias is not None:
+        mean_logit = mean_logit + bias.float()
+    return torch.argsort(mean_logit, descending=True)
+
+
+def _ce_backward_filtered(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db, filter_eps):
     N, D = h.shape
     V = weight.shape[0]
-    cfg = _config("bwd", h.dtype, h.device, N, D)
-    dev = h.device
-    dh = torch.zeros((N, D), device=dev, dtype=torch.float32) if need_dh else None
-    dw = torch.empty((V, D), device=dev, dtype=weight.dtype) if need_dw else None
-    need_db = need_db and bias is not None
+    dt, dev = h.dtype, h.device
+    cfg = _config("bwd", dt, dev, N, D)
+    order = _vocab_order(h, weight, bias, g)
+    dh32 = torch.zeros((N, D), device=dev, dtype=torch.float32) if need_dh else None
+    dw = torch.empty((V, D), device=dev, dtype=dt) if need_dw else None
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_db else None
-    if not (need_dh or need_dw or need_db):
-        return dh, dw, db
     chunk = min(V, VOCAB_CHUNK)
     dw_acc = torch.empty((chunk, D), device=dev, dtype=torch.float32) if need_dw else None
     dummy = lse
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
         acc = dw_acc[:vc].zero_() if need_dw else None
-        # Targets relative to the chunk: ids of other chunks fall outside [0, vc) and never match.
-        tgt = targets if v0 == 0 else targets - v0
-        grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(vc, cfg.BLOCK_V),)
-        _ce_bwd_kernel[grid](
-            h_ptr=h, w_ptr=weight[v0:v0 + vc], b_ptr=bias[v0:v0 + vc] if bias is not None else h,
-            tgt_ptr=tgt, lse_ptr=lse, g_ptr=grad_rows, dh_ptr=dh if dh is not None else dummy,
-            dw_ptr=acc if acc is not None else dummy, db_ptr=db[v0:v0 + vc] if db is not None else dummy,
+        _ce_bwd_kernel[_tile_grid(N, vc, cfg)](
+            h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, tgt_ptr=targets, lse_ptr=lse,
+            g_ptr=g, order_ptr=order, dh_ptr=dh32 if dh32 is not None else dummy,
+            dw_ptr=acc if acc is not None else dummy, db_ptr=db if db is not None else dummy,
             stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-            N=N, V=vc, D=D, GROUP_N=_group_rows(cfg.BLOCK_N, D), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V,
-            BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if need_dw:
-            dw[v0:v0 + vc].copy_(acc)  # round this chunk once into the output dtype
+            N=N, D=D, V_START=v0, V_STOP=v0 + vc, GROUP_N=_group_rows(cfg.BLOCK_N, D),
+            filter_eps=float(filter_eps), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+            HAS_BIAS=bias is not None, HAS_ORDER=True, FILTER=True, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
+            COMPUTE_DB=need_db, DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        if need_dw:  # round this chunk once into the output dtype, at its vocabulary rows
+            dw.index_copy_(0, order[v0:v0 + vc], acc.to(dt))
+    # The fp32 dW accumulator is released before dh is rounded: the cast copy (N * D * 2 B in
+    # fp16/bf16) takes no more than the accumulator it follows when N <= 2 * VOCAB_CHUNK.
+    del dw_acc
+    dh = dh32.to(dt) if need_dh else None
     return dh, dw, db
+
+
+def ce_backward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool,
+                filter_eps: float | None = None):
+    """(dh [N, D] | None, dW [V, D] | None in the input dtype, db fp32 [V] | None) for
+    loss_n = g_n (lse_n - z[n, y_n]), g = ``grad_rows`` (0 on ignored rows); no host sync.
+
+    ``filter_eps`` None: dense backward (softmax-gradient tiles written per vocabulary chunk and
+    reduced by GEMMs without atomics, exact up to rounding). A float: the fused filtered
+    backward, vocabulary sorted by mean logit, tiles whose |softmax - onehot| < filter_eps
+    everywhere skipped for dh and dW (error bound in the module docstring); db stays exact.
+    """
+    need_db = need_db and bias is not None
+    if not (need_dh or need_dw or need_db):
+        return None, None, None
+    if filter_eps is None:
+        return _ce_backward_dense(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db)
+    return _ce_backward_filtered(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db, filter_eps)
 
 
 def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -425,67 +646,59 @@ def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # ----------------------------------------------------------------------------------------------
 # Compile gate
 # ----------------------------------------------------------------------------------------------
+_PTR_TYPES = {"tgt_ptr": "*i64", "order_ptr": "*i64", "lse_ptr": "*fp32", "zt_ptr": "*fp32", "g_ptr": "*fp32",
+              "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+_UNIT_STRIDES = ("stride_hd", "stride_wd", "stride_ov")  # 1 for contiguous rows: Triton specialises it
+_FLOAT_ARGS = ("scale", "filter_eps")
+
+
+def _gate_config(name, fn, dt, cfg, constexprs, **kw) -> KernelConfig:
+    """A KernelConfig for ``fn`` as the launchers call it with contiguous-row inputs of dtype ``dt``:
+    pointers of the input dtype unless listed in _PTR_TYPES, unit feature strides, other ints i32
+    and 16-divisible where the launcher's shapes make them so (row strides, D, V_START)."""
+    t = TL_DTYPE[dt]
+    ce = {**{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names}, "BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V,
+          "BLOCK_D": cfg.BLOCK_D, "DOT_PRECISION": _precision(dt), **constexprs}
+    sig = {}
+    for a in fn.arg_names:
+        if a in ce:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = _PTR_TYPES.get(a, f"*{t}")
+        else:
+            sig[a] = "fp32" if a in _FLOAT_ARGS else "i32"
+    aligned = tuple(a for a in fn.arg_names if sig[a] != "constexpr" and (
+        a.endswith("_ptr") or a in ("stride_hn", "stride_wv", "stride_on", "stride_dzn", "D", "V_START")))
+    return KernelConfig(name=name, fn=fn, signature=sig, constexprs=ce, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, aligned=aligned, needs_mma=dt != torch.float32, **kw)
+
+
 def compile_configs():
     """The configurations the launchers ship on CUDA: every kernel × tile config × flag path.
 
-    12 entries: LSE (with / without target), backward and softmax write (prob / log), each for
-    bf16 with and without bias and fp16 with bias (half tiles, needs_mma), plus the fp32 tiles.
-    fp32 inputs run "ieee" dots on CUDA cores by design (TF32 would lose the fp32 accuracy;
-    "tf32x3" spilled on sm_80 at 64x64), listed with needs_mma=False so the gate still checks
-    their registers and shared memory.
+    LSE (with / without target), dense backward (softmax-gradient tiles), filtered backward
+    (fused, sorted vocabulary) and softmax write (prob / log): bf16 with and without bias, fp16
+    with bias (same code, other element type), and the fp32 tiles. fp32 inputs run "ieee" dots
+    on CUDA cores by design (TF32 would lose the fp32 accuracy; "tf32x3" spilled on sm_80 at
+    64x64), listed with needs_mma=False so the gate still checks their registers and shared memory.
     """
     out = []
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         t = TL_DTYPE[dt]
-        mma = dt != torch.float32
-        prec = _precision(dt)
-        # bias / no bias on bf16; fp16 (same code, other element type) and fp32 with bias only
-        biases = (True, False) if dt == torch.bfloat16 else (True,)
-        for has_bias in biases:
+        cls = "fp32" if dt == torch.float32 else "half"
+        for has_bias in ((True, False) if dt == torch.bfloat16 else (True,)):
             sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
-            c = _CONFIGS[("lse", "fp32" if dt == torch.float32 else "half")]
-            sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                   "zt_ptr": "*fp32", "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32",
-                   "stride_wd": "constexpr", "N": "i32", "V": "i32", "D": "i32", "TILES_PER_SPLIT": "i32",
-                   "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
-                   "HAS_BIAS": "constexpr", "HAS_TARGET": "constexpr", "DOT_PRECISION": "constexpr"}
-            ce = {"stride_hd": 1, "stride_wd": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
-                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": has_bias, "DOT_PRECISION": prec}
-            aligned = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "lse_ptr", "zt_ptr", "stride_hn", "stride_wv", "D")
             for has_tgt in ((True, False) if dt == torch.bfloat16 and has_bias else (True,)):
-                out.append(KernelConfig(
-                    name=f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", fn=_lse_kernel,
-                    signature=sig, constexprs={**ce, "HAS_TARGET": has_tgt}, num_warps=c.num_warps,
-                    num_stages=c.num_stages, aligned=aligned, needs_mma=mma))
-            c = _CONFIGS[("bwd", "fp32" if dt == torch.float32 else "half")]
-            sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                   "g_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                   "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr",
-                   "N": "i32", "V": "i32", "D": "i32", "GROUP_N": "i32", "BLOCK_N": "constexpr",
-                   "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "HAS_BIAS": "constexpr", "COMPUTE_DH": "constexpr",
-                   "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "DOT_PRECISION": "constexpr"}
-            ce = {"stride_hd": 1, "stride_wd": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
-                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": has_bias, "COMPUTE_DH": True, "COMPUTE_DW": True,
-                  "COMPUTE_DB": has_bias, "DOT_PRECISION": prec}
-            aligned = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "lse_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr",
-                       "stride_hn", "stride_wv", "D")
-            out.append(KernelConfig(name=f"linear_ce_bwd_{sfx}", fn=_ce_bwd_kernel, signature=sig,
-                                    constexprs=ce, num_warps=c.num_warps, num_stages=c.num_stages,
-                                    aligned=aligned, needs_mma=mma))
+                out.append(_gate_config(f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", _lse_kernel, dt,
+                                        _CONFIGS[("lse", cls)], {"HAS_BIAS": has_bias, "HAS_TARGET": has_tgt}))
+            out.append(_gate_config(f"linear_ce_dlogits_{sfx}", _ce_dlogits_kernel, dt, _CONFIGS[("dlogits", cls)],
+                                    {"HAS_BIAS": has_bias, "COMPUTE_DB": has_bias}))
+            out.append(_gate_config(f"linear_ce_bwd_filtered_{sfx}", _ce_bwd_kernel, dt, _CONFIGS[("bwd", cls)],
+                                    {"HAS_BIAS": has_bias, "HAS_ORDER": True, "FILTER": True, "COMPUTE_DH": True,
+                                     "COMPUTE_DW": True, "COMPUTE_DB": has_bias}))
         if dt == torch.float16:
             continue  # the write kernel's fp16 build differs from bf16 only in element type
-        c = _CONFIGS[("write", "fp32" if dt == torch.float32 else "half")]
-        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "lse_ptr": "*fp32", "out_ptr": f"*{t}",
-               "stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr",
-               "stride_on": "i32", "stride_ov": "constexpr", "N": "i32", "V": "i32", "D": "i32",
-               "scale": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
-               "HAS_BIAS": "constexpr", "IS_LOG": "constexpr", "DOT_PRECISION": "constexpr"}
-        for is_log in ((False, True) if mma else (False,)):
-            ce = {"stride_hd": 1, "stride_wd": 1, "stride_ov": 1, "BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V,
-                  "BLOCK_D": c.BLOCK_D, "HAS_BIAS": True, "IS_LOG": is_log, "DOT_PRECISION": prec}
-            out.append(KernelConfig(
-                name=f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", fn=_softmax_write_kernel,
-                signature=sig, constexprs=ce, num_warps=c.num_warps, num_stages=c.num_stages,
-                aligned=("h_ptr", "w_ptr", "b_ptr", "lse_ptr", "out_ptr", "stride_hn", "stride_wv",
-                         "stride_on", "D"), needs_mma=mma))
+        for is_log in ((False, True) if dt != torch.float32 else (False,)):
+            out.append(_gate_config(f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", _softmax_write_kernel,
+                                    dt, _CONFIGS[("write", cls)], {"HAS_BIAS": True, "IS_LOG": is_log}))
     return out

@@ -283,16 +283,23 @@ def test_fp16_gradients_do_not_underflow():
         assert rel < 6e-4, (name, rel)
 
 
-def test_backward_in_vocabulary_chunks(monkeypatch):
-    # The Triton backward accumulates dW in fp32 one VOCAB_CHUNK of rows at a time; several chunks
-    # (the last one ragged) must give the gradients of a single pass.
+@pytest.mark.parametrize("path", ["dense", "filtered"])
+def test_backward_in_vocabulary_chunks(monkeypatch, path):
+    # Dense backward: the softmax-gradient buffer covers a slice of rows x a chunk of the
+    # vocabulary at a time (dW staged in fp32 per chunk, dh accumulated in fp32 across chunks).
+    # Filtered backward: dW accumulates in fp32 one VOCAB_CHUNK of (sorted) rows at a time.
+    # Several chunks and slices (the last ones ragged) must give the gradients of a single pass.
     import lorafast.kernels.linear_ce as k
 
     h, w, b, y = make_case(37, 123, 31, torch.float32, True, False)
-    fn = lambda h, w, b, y, r: linear_cross_entropy(h, w, b, y, reduction=r, impl="triton")  # noqa: E731
+    eps = None if path == "dense" else 1e-30  # a filter that skips nothing but all-zero tiles
+    fn = lambda h, w, b, y, r: linear_cross_entropy(h, w, b, y, reduction=r, impl="triton", filter_eps=eps)  # noqa: E731
     up = torch.randn(37, dtype=torch.float32)
     whole = run_ce(fn, h, w, b, y, "none", up)
-    monkeypatch.setattr(k, "VOCAB_CHUNK", 48)  # chunks of 48, 48, 27 rows
+    if path == "dense":
+        monkeypatch.setattr(k, "_dz_chunking", lambda N, V, D, bv: (16, 48))  # rows 16, 16, 5; columns 48, 48, 27
+    else:
+        monkeypatch.setattr(k, "VOCAB_CHUNK", 48)
     chunked = run_ce(fn, h, w, b, y, "none", up)
     for name, a, c in zip(("loss", "dh", "dW", "db"), whole, chunked):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
@@ -300,6 +307,75 @@ def test_backward_in_vocabulary_chunks(monkeypatch):
                    h.double(), w.double(), b.double(), y, "none", up.double())
     for name, c, t in zip(("loss", "dh", "dW", "db"), chunked, truth):
         torch.testing.assert_close(c.double(), t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dense_chunking_bounds_the_buffer():
+    # the softmax-gradient buffer: <= DZ_CHUNK_ELEMS elements, <= 1/8 of the logits (plus one tile
+    # of rounding), columns a multiple of the tile unless the vocabulary is narrower
+    import lorafast.kernels.linear_ce as k
+
+    for N, V, D in [(16384, 50304, 2048), (16384, 131072, 2048), (1024, 131072, 4096), (1 << 20, 32000, 512),
+                    (7, 300, 48), (3, 100000, 16)]:
+        rows, cols = k._dz_chunking(N, V, D, 128)
+        assert 1 <= rows <= N and 1 <= cols <= V, (N, V, rows, cols)
+        assert rows * cols <= max(k.DZ_CHUNK_ELEMS, 128 * rows), (N, V, rows, cols)
+        assert cols <= max(triton_cdiv(V, 8) + 128, k.MIN_DZ_COLS + 128), (N, V, cols)
+        assert cols == V or cols % 128 == 0, (V, cols)
+        assert cols * D <= max(k.DW_STAGE_ELEMS, k.MIN_DZ_COLS * D + 128 * D), (D, cols)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def _sub_eps_bound(h, w, b, y, g, eps):
+    """fp64 bound of what the filter may drop: |g_n| * sum over entries with |dz| < eps of
+    |dz[n, v]| |W[v]| for dh, and sum_n |g_n| |dz[n, v]| |h_n| for dW (a superset of the skipped
+    tiles' entries)."""
+    z = F.linear(h.double(), w.double(), None if b is None else b.double())
+    dz = torch.softmax(z, -1)
+    valid = y != IGNORE
+    dz[valid, y[valid]] -= 1.0
+    small = torch.where(dz.abs() < eps, dz.abs(), torch.zeros_like(dz)) * (g.double().abs() * valid)[:, None]
+    return small @ w.double().abs(), small.t() @ h.double().abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("eps", [1e-4, 1e-2])
+def test_filter_eps_error_within_its_bound(dtype, eps):
+    """Confident logits (a trained model's regime): the filtered backward skips tiles, and its dh
+    and dW differ from the fp64 truth by at most the dropped sub-eps entries (the documented
+    bound) on top of the CCE rule; loss and db are exact. The PyTorch path ignores filter_eps."""
+    N, V, D = 5, 4099, 48
+    h, w, b, y = make_case(N, V, D, dtype, True, True, ignore_frac=0.0)
+    up = torch.rand(N, dtype=torch.float64) + 0.5
+    ce = lambda impl: lambda *a: linear_cross_entropy(*a[:4], reduction="none", impl=impl, filter_eps=eps)  # noqa: E731
+    ours = run_ce(ce("triton"), h, w, b, y, "none", up.float())
+    # the same kernel and vocabulary order with a filter that skips nothing but all-zero tiles
+    unfiltered = run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction="none", impl="triton", filter_eps=1e-30),
+                        h, w, b, y, "none", up.float())
+    truth = run_ce(eager, h.double(), w.double(), b.double(), y, "none", up)
+    ref = run_ce(eager, h, w, b, y, "none", up.to(dtype))
+    bound_dh, bound_dw = _sub_eps_bound(h, w, b, y, up, eps)
+    assert_rule("filtered loss", ours[0], ref[0], truth[0], TOL[dtype])
+    assert_rule("filtered db", ours[3], ref[3], truth[3], TOL[dtype])
+    for name, o, r, t, bound in (("dh", ours[1], ref[1], truth[1], bound_dh), ("dW", ours[2], ref[2], truth[2], bound_dw)):
+        assert_rule(f"filtered {name}", o, r, t + torch.sign(o.double() - t) * torch.minimum(bound, (o.double() - t).abs()),
+                    TOL[dtype])
+    # something was skipped (the tiles that hold no target have all their entries below eps here)
+    assert not torch.equal(ours[2], unfiltered[2]) and not torch.equal(ours[1], unfiltered[1])
+    torch_path = run_ce(ce("torch"), h, w, b, y, "none", up.float())
+    torch_exact = run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction="none", impl="torch"), h, w, b, y, "none",
+                         up.float())
+    for a, c in zip(torch_path, torch_exact):
+        assert torch.equal(a, c)
+
+
+def test_filter_eps_validation():
+    h, w, b, y = make_case(8, 40, 16, torch.float32, True, False)
+    for bad, err in ((0.0, ValueError), (1.0, ValueError), (-1e-3, ValueError), (True, TypeError), ("auto", TypeError)):
+        with pytest.raises(err, match="filter_eps"):
+            linear_cross_entropy(h, w, b, y, filter_eps=bad)
 
 
 # Upstream row weights spanning orders of magnitude (reduction="none" with a weighted sum): a

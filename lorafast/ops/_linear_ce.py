@@ -41,6 +41,7 @@ class LinearCEOptions:
     reduction: str = "mean"
     impl: str = "auto"
     check: Optional[bool] = None
+    filter_eps: Optional[float] = None
 
 
 def _backend(impl: str, op: str, *tensors: torch.Tensor) -> str:
@@ -105,6 +106,12 @@ def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
     if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(opts.ignore_index).__name__}")
+    eps = opts.filter_eps
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"{op}: filter_eps must be None or a float, got {type(eps).__name__}")
+        if not 0 < eps < 1:
+            raise ValueError(f"{op}: filter_eps must lie in (0, 1), got {eps}")
     eager = opts.check if opts.check is not None else h.device.type == "cpu"
     if eager and targets.numel():
         bad = _bad_targets(targets, weight.shape[0], opts.ignore_index)
@@ -238,7 +245,7 @@ def _safe_targets(targets: torch.Tensor, V: int, ignore_index: int) -> torch.Ten
 
 @torch.library.custom_op("lorafast::linear_ce_fwd", mutates_args=())
 def _ce_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-            ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+            ignore_index: int, impl: str, filter_eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss per row fp32 [N]: 0 where ignored, NaN where the target is out of range; lse fp32 [N])."""
     V = weight.shape[0]
     if h.shape[0] == 0:
@@ -258,14 +265,14 @@ def _ce_fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 @_ce_fwd.register_fake
-def _(h, weight, bias, targets, ignore_index, impl):
+def _(h, weight, bias, targets, ignore_index, impl, filter_eps=None):
     return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("lorafast::linear_ce_bwd", mutates_args=())
 def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
             lse: torch.Tensor, grad_rows: torch.Tensor, impl: str, need_dh: bool, need_dw: bool,
-            need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_db: bool, filter_eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW, db) in the input dtype; an empty tensor stands for a gradient not asked for."""
     need_db = need_db and bias is not None
     if h.shape[0] == 0:
@@ -275,7 +282,7 @@ def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         from lorafast.kernels.linear_ce import ce_backward
 
         dh, dw, db = ce_backward(h, weight, bias, targets.contiguous(), lse.contiguous(),
-                                 grad_rows.contiguous(), need_dh, need_dw, need_db)
+                                 grad_rows.contiguous(), need_dh, need_dw, need_db, filter_eps)
     else:
         dh, dw, db = _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0], -1),
                                         lse, grad_rows, need_dh, need_dw, need_db)
@@ -285,7 +292,7 @@ def _ce_bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 @_ce_bwd.register_fake
-def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db):
+def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db, filter_eps=None):
     empty = lambda: h.new_empty((0,))  # noqa: E731
     need_db = need_db and bias is not None
     return (torch.empty_like(h) if need_dh else empty(), torch.empty_like(weight) if need_dw else empty(),
@@ -293,25 +300,26 @@ def _(h, weight, bias, targets, lse, grad_rows, impl, need_dh, need_dw, need_db)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    h, weight, bias, targets, ignore_index, impl = inputs
+    h, weight, bias, targets, ignore_index, impl, filter_eps = inputs
     ctx.save_for_backward(h, weight, bias, targets, output[1])
     ctx.ignore_index = ignore_index
     ctx.impl = impl
+    ctx.filter_eps = filter_eps
 
 
 def _ce_backward(ctx, grad_loss, grad_lse):
     h, weight, bias, targets, lse = ctx.saved_tensors
     need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if grad_loss is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0, and so are
     # rows with an out-of-range target (NaN loss under check=None on CUDA): no wrong gradient.
     valid = (targets != ctx.ignore_index) & ~_bad_targets(targets, weight.shape[0], ctx.ignore_index)
     g = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
     dh, dw, db = _ce_bwd(h, weight, bias, targets, lse, g, ctx.impl, need_dh, need_dw,
-                         bool(need_db and bias is not None))
+                         bool(need_db and bias is not None), ctx.filter_eps)
     return (dh if need_dh else None, dw if need_dw else None,
-            db if (need_db and bias is not None) else None, None, None, None)
+            db if (need_db and bias is not None) else None, None, None, None, None)
 
 
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -339,7 +347,8 @@ def _(h, weight, bias, scale, log, impl):
 # ----------------------------------------------------------------------------------------------
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          targets: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                         impl: str = "auto", check: Optional[bool] = None) -> torch.Tensor:
+                         impl: str = "auto", check: Optional[bool] = None,
+                         filter_eps: Optional[float] = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias), targets)`` without the N x V logits.
 
     h [..., D], weight [V, D], bias [V] or None, targets int64 [...] (h.shape[:-1]).
@@ -352,14 +361,20 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     the last fp32 bits (the PyTorch path is deterministic); dW is accumulated one vocabulary chunk
     of 8192 rows at a time, so the fp32 accumulators take 4 * (N + min(V, 8192)) * D bytes.
     ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
+    ``filter_eps``: None (default, exact) or a float in (0, 1): the Triton backward skips, for dh
+    and dW, the tiles whose softmax gradient |softmax - onehot| is below it everywhere (Cut
+    Cross-Entropy's gradient filter; error bound in :mod:`lorafast.kernels.linear_ce`); worth it
+    on a trained model's confident logits. The PyTorch path ignores it (exact gradients).
     """
-    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check)
+    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, impl=impl, check=check,
+                           filter_eps=filter_eps)
     _validate_ce(h, weight, bias, targets, opts)
     backend = _backend(impl, "linear_cross_entropy", h, weight, targets)
     if backend == "triton" and bias is not None:
         bias = bias.contiguous()
     lead = targets.shape
-    loss, _ = _ce_fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index, backend)
+    loss, _ = _ce_fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index, backend,
+                      None if opts.filter_eps is None else float(opts.filter_eps))
     if opts.reduction == "none":
         return loss.reshape(lead)
     if opts.reduction == "sum":
