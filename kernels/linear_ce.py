@@ -130,7 +130,11 @@ def _lse_kernel(
     scale2 = scale * 1.4426950408889634
     v_start = pid_s.to(tl.int64) * TILES_PER_SPLIT * BLOCK_V
     v_end = tl.minimum(v_start + TILES_PER_SPLIT * BLOCK_V, V)
-    for v0 in range(v_start, v_end, BLOCK_V):
+    # One flattened loop over (vocabulary tile, D step): the software pipeline runs across tile
+    # boundaries (the loads of the next tile's first D steps are in flight during this tile's
+    # epilogue) instead of draining and refilling for every vocabulary tile. fp32 inputs (CUDA-
+    # core dots, no async wgmma to overlap) keep the nested loops: flattened, they spill.
+    for v0 in tl.range(v_start, v_end, BLOCK_V, flatten=h_ptr.dtype.element_ty != tl.float32):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, offs_v < V, stride_hn, stride_hd,
                         stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
