@@ -318,7 +318,7 @@ def _softmax_write_kernel(
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_on, stride_ov,
     # sizes
-    N, V, D,
+    N, V, D, GROUP_N,
     # runtime scalars
     scale,
     # constexprs
@@ -329,13 +329,13 @@ def _softmax_write_kernel(
 
     Math: out = exp(scale * z - lse) (IS_LOG: scale * z - lse), z = h W^T + b. No gradient.
     Shapes: h [N, D], W [V, D], b [V], lse [N] (LSE of scale * z), out [N, V] (any strides);
-            grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)).
+            grid (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), GROUP_N row tiles per column of tiles
+            (one axis: a vocabulary of more than 65535 tiles does not meet grid axis 1's limit).
     Dtypes: z, out computed in fp32, stored in out's dtype.
     Mutates: writes its tile of out; reads everything else.
     Preconditions: lse from _lse_kernel with the same scale (all splits combined).
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
@@ -406,14 +406,22 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT, TILES_PER_SPLIT): split the vocabulary until the grid fills ~2 waves of SMs."""
-    if device.type != "cuda":
-        return 1, n_tiles  # interpreter: fewer programs run faster
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    want = max(1, triton.cdiv(2 * _num_sms(index), n_blocks))
+def _lse_grid(N: int, V: int, cfg: TileConfig, n_sms: int) -> tuple[tuple[int, int], int]:
+    """((row blocks, SPLIT), TILES_PER_SPLIT) of the LSE kernel: the vocabulary is split (axis 1)
+    until the grid fills ~2 waves of ``n_sms`` SMs (0: the interpreter, one split); SPLIT <=
+    2 * n_sms, far below axis 1's 65535, and row blocks on axis 0 (limit 2**31 - 1)."""
+    n_blocks, n_tiles = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
+    if n_sms <= 0:
+        return _check_grid((n_blocks, 1)), n_tiles  # interpreter: fewer programs run faster
+    want = max(1, triton.cdiv(2 * n_sms, n_blocks))
     per = triton.cdiv(n_tiles, min(want, n_tiles))
-    return triton.cdiv(n_tiles, per), per
+    return _check_grid((n_blocks, triton.cdiv(n_tiles, per))), per
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,11 +433,11 @@ def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     N, D = h.shape
     V = weight.shape[0]
     cfg = _config("lse", h.dtype, h.device, N, D)
-    n_blocks = triton.cdiv(N, cfg.BLOCK_N)
-    split, per = _splits(n_blocks, triton.cdiv(V, cfg.BLOCK_V), h.device)
+    grid, per = _lse_grid(N, V, cfg, _device_sms(h.device))
+    split = grid[1]
     lse = torch.empty((split, N), device=h.device, dtype=torch.float32)
     zt = torch.empty((split, N), device=h.device, dtype=torch.float32) if targets is not None else lse
-    _lse_kernel[(n_blocks, split)](
+    _lse_kernel[grid](
         h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h,
         tgt_ptr=targets if targets is not None else lse, lse_ptr=lse, zt_ptr=zt,
         stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
@@ -459,6 +467,12 @@ def _group_rows(block_n: int, D: int) -> int:
 def _tile_grid(n_rows: int, n_cols: int, cfg: TileConfig) -> tuple[int]:
     """1-D grid over the [n_rows, n_cols] tiles; raises if it exceeds CUDA's x limit."""
     return _check_grid((triton.cdiv(n_rows, cfg.BLOCK_N) * triton.cdiv(n_cols, cfg.BLOCK_V),))
+
+
+def _row_slices(N: int, n_col_tiles: int, block_n: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) whose 1-D tile grids (row tiles x ``n_col_tiles``) fit MAX_GRID_X."""
+    rows = max(1, MAX_GRID_X // max(n_col_tiles, 1)) * block_n
+    return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
 # Dense backward: softmax-gradient tiles are written to a buffer of at most DZ_CHUNK_ELEMS
@@ -591,16 +605,17 @@ def _ce_backward_filtered(h, weight, bias, targets, lse, g, need_dh, need_dw, ne
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
         acc = dw_acc[:vc].zero_() if need_dw else None
-        _ce_bwd_kernel[_tile_grid(N, vc, cfg)](
-            h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, tgt_ptr=targets, lse_ptr=lse,
-            g_ptr=g, order_ptr=order, dh_ptr=dh32 if dh32 is not None else dummy,
-            dw_ptr=acc if acc is not None else dummy, db_ptr=db if db is not None else dummy,
-            stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-            N=N, D=D, V_START=v0, V_STOP=v0 + vc, GROUP_N=_group_rows(cfg.BLOCK_N, D),
-            filter_eps=float(filter_eps), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-            HAS_BIAS=bias is not None, HAS_ORDER=True, FILTER=True, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw,
-            COMPUTE_DB=need_db, DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        for r0, r1 in _row_slices(N, triton.cdiv(vc, cfg.BLOCK_V), cfg.BLOCK_N):
+            _ce_bwd_kernel[_tile_grid(r1 - r0, vc, cfg)](
+                h_ptr=h[r0:r1], w_ptr=weight, b_ptr=bias if bias is not None else h, tgt_ptr=targets[r0:r1],
+                lse_ptr=lse[r0:r1], g_ptr=g[r0:r1], order_ptr=order,
+                dh_ptr=dh32[r0:r1] if dh32 is not None else dummy, dw_ptr=acc if acc is not None else dummy,
+                db_ptr=db if db is not None else dummy, stride_hn=h.stride(0), stride_hd=h.stride(1),
+                stride_wv=weight.stride(0), stride_wd=weight.stride(1), N=r1 - r0, D=D, V_START=v0,
+                V_STOP=v0 + vc, GROUP_N=_group_rows(cfg.BLOCK_N, D), filter_eps=float(filter_eps),
+                BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None,
+                HAS_ORDER=True, FILTER=True, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+                DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if need_dw:  # round this chunk once into the output dtype, at its vocabulary rows
             dw.index_copy_(0, order[v0:v0 + vc], acc.to(dt))
     # The fp32 dW accumulator is released before dh is rounded: the cast copy (N * D * 2 B in
@@ -637,13 +652,14 @@ def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     lse, _ = lse_forward(h, weight, bias, None, scale)
     out = torch.empty((N, V), device=h.device, dtype=out_dtype)
     cfg = _config("write", h.dtype, h.device, N, D)
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
-    _softmax_write_kernel[grid](
-        h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h, lse_ptr=lse, out_ptr=out,
-        stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        stride_on=out.stride(0), stride_ov=out.stride(1), N=N, V=V, D=D, scale=float(scale),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None,
-        IS_LOG=log, DOT_PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for r0, r1 in _row_slices(N, triton.cdiv(V, cfg.BLOCK_V), cfg.BLOCK_N):
+        _softmax_write_kernel[_tile_grid(r1 - r0, V, cfg)](
+            h_ptr=h[r0:r1], w_ptr=weight, b_ptr=bias if bias is not None else h, lse_ptr=lse[r0:r1],
+            out_ptr=out[r0:r1], stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
+            stride_wd=weight.stride(1), stride_on=out.stride(0), stride_ov=out.stride(1), N=r1 - r0, V=V, D=D,
+            GROUP_N=_group_rows(cfg.BLOCK_N, D), scale=float(scale), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V,
+            BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None, IS_LOG=log, DOT_PRECISION=_precision(h.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

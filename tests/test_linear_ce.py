@@ -419,3 +419,51 @@ def test_row_precision_does_not_depend_on_other_rows(impl, weights, dtype, bias)
     for name, o, r, t in zip(("dW", "db"), ours[2:], ref[2:], truth[2:]):
         if t is not None:
             assert_rule(f"{impl} {name}", o, r, t, TOL[dtype])
+
+
+def test_launch_grids_within_cuda_limits():
+    """Issue 13, item 1: every launch grid of the CE kernels stays within CUDA's limits (x <=
+    2**31 - 1, y and z <= 65535) for huge valid shapes. The softmax write used a 2-D grid with
+    cdiv(V, 128) on axis 1, over the limit from V = 8,388,737 on; the tile kernels now launch
+    1-D grouped grids (row slices where even those would exceed x), the LSE kernel row blocks on
+    x and at most 2 waves of vocabulary splits on y."""
+    import lorafast.kernels.linear_ce as k
+
+    lse_cfg, tile_cfg = k._CONFIGS[("lse", "half")], k._CONFIGS[("write", "half")]
+    for N, V in [(1, 2**31 - 1), (2**31 - 1, 2**31 - 1), (16384, 10**7), (7, 50304)]:
+        for sms in (132, 0):
+            (gx, gy), per = k._lse_grid(N, V, lse_cfg, sms)
+            assert gx <= k.MAX_GRID_X and gy <= k.MAX_GRID_YZ, (N, V, gx, gy)
+            tiles = triton_cdiv(V, lse_cfg.BLOCK_V)
+            assert gy * per >= tiles and (gy - 1) * per < tiles  # every tile covered, no empty split
+    for N, V in [(4096, 10**7), (2**26, 2**20), (2**33, 8192), (3, 2**31 - 1)]:
+        col_tiles = triton_cdiv(V, tile_cfg.BLOCK_V)
+        slices = k._row_slices(N, col_tiles, tile_cfg.BLOCK_N)
+        assert slices[0][0] == 0 and slices[-1][1] == N and all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        for r0, r1 in slices[:3] + slices[-2:]:
+            assert k._tile_grid(r1 - r0, V, tile_cfg)[0] <= k.MAX_GRID_X
+    assert triton_cdiv(10**7, tile_cfg.BLOCK_V) > k.MAX_GRID_YZ  # what the old axis 1 would have been
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        k._check_grid((1, k.MAX_GRID_YZ + 1))
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        k._tile_grid(2**40, 2**40, tile_cfg)
+
+
+@pytest.mark.parametrize("what", ["softmax", "filtered"])
+def test_row_sliced_launches_match(monkeypatch, what):
+    # a real launch split into row slices (grid limit lowered to 3 programs) gives the same result
+    import lorafast.kernels.linear_ce as k
+
+    h, w, b, y = make_case(100, 300, 24, torch.float32, True, False)
+    up = torch.randn(100)
+    if what == "softmax":
+        run = lambda: linear_softmax(h, w, b, impl="triton")  # noqa: E731
+    else:
+        run = lambda: run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction="none", impl="triton",  # noqa: E731
+                                                             filter_eps=1e-30), h, w, b, y, "none", up)
+    whole = run()
+    monkeypatch.setattr(k, "MAX_GRID_X", 3)
+    assert len(k._row_slices(100, 2, 64)) == 2
+    sliced = run()
+    for a, c in zip(whole if isinstance(whole, tuple) else (whole,), sliced if isinstance(sliced, tuple) else (sliced,)):
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
