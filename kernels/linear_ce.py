@@ -693,6 +693,22 @@ def _gate_config(name, fn, dt, cfg, constexprs, **kw) -> KernelConfig:
                         num_stages=cfg.num_stages, aligned=aligned, needs_mma=dt != torch.float32, **kw)
 
 
+def _exp2_per_iteration(cfg: TileConfig, dt: torch.dtype, online: bool) -> int:
+    """exp2 (SASS MUFU.EX2) one thread needs per tile: the tile's elements over the threads,
+    plus, for the online LSE, one rescale exp2(m_old - m_new) per row the thread holds. Rows per
+    thread: the wgmma / mma.sync accumulator gives a thread 2 rows of each 16-row block, warps
+    stacked along the rows; the fp32 (FMA) blocked layout gives a thread 4 consecutive columns,
+    BLOCK_V / 4 threads of a warp along a row."""
+    threads = 32 * cfg.num_warps
+    need = cfg.BLOCK_N * cfg.BLOCK_V // threads
+    if online:
+        if dt != torch.float32:
+            need += 2 * cfg.BLOCK_N // (16 * min(cfg.num_warps, cfg.BLOCK_N // 16))
+        else:
+            need += cfg.BLOCK_N // ((32 // min(32, cfg.BLOCK_V // 4)) * cfg.num_warps)
+    return need
+
+
 def compile_configs():
     """The configurations the launchers ship on CUDA: every kernel × tile config × flag path.
 
@@ -709,16 +725,24 @@ def compile_configs():
         for has_bias in ((True, False) if dt == torch.bfloat16 else (True,)):
             sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
             for has_tgt in ((True, False) if dt == torch.bfloat16 and has_bias else (True,)):
-                out.append(_gate_config(f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", _lse_kernel, dt,
-                                        _CONFIGS[("lse", cls)], {"HAS_BIAS": has_bias, "HAS_TARGET": has_tgt}))
-            out.append(_gate_config(f"linear_ce_dlogits_{sfx}", _ce_dlogits_kernel, dt, _CONFIGS[("dlogits", cls)],
-                                    {"HAS_BIAS": has_bias, "COMPUTE_DB": has_bias}))
-            out.append(_gate_config(f"linear_ce_bwd_filtered_{sfx}", _ce_bwd_kernel, dt, _CONFIGS[("bwd", cls)],
+                c = _CONFIGS[("lse", cls)]
+                out.append(_gate_config(f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", _lse_kernel, dt, c,
+                                        {"HAS_BIAS": has_bias, "HAS_TARGET": has_tgt},
+                                        exp2_per_iteration=_exp2_per_iteration(c, dt, online=True)))
+            c = _CONFIGS[("dlogits", cls)]
+            out.append(_gate_config(f"linear_ce_dlogits_{sfx}", _ce_dlogits_kernel, dt, c,
+                                    {"HAS_BIAS": has_bias, "COMPUTE_DB": has_bias},
+                                    exp2_per_iteration=_exp2_per_iteration(c, dt, online=False)))
+            c = _CONFIGS[("bwd", cls)]
+            out.append(_gate_config(f"linear_ce_bwd_filtered_{sfx}", _ce_bwd_kernel, dt, c,
                                     {"HAS_BIAS": has_bias, "HAS_ORDER": True, "FILTER": True, "COMPUTE_DH": True,
-                                     "COMPUTE_DW": True, "COMPUTE_DB": has_bias}))
+                                     "COMPUTE_DW": True, "COMPUTE_DB": has_bias},
+                                    exp2_per_iteration=_exp2_per_iteration(c, dt, online=False)))
         if dt == torch.float16:
             continue  # the write kernel's fp16 build differs from bf16 only in element type
         for is_log in ((False, True) if dt != torch.float32 else (False,)):
+            c = _CONFIGS[("write", cls)]
             out.append(_gate_config(f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", _softmax_write_kernel,
-                                    dt, _CONFIGS[("write", cls)], {"HAS_BIAS": True, "IS_LOG": is_log}))
+                                    dt, c, {"HAS_BIAS": True, "IS_LOG": is_log},
+                                    exp2_per_iteration=0 if is_log else _exp2_per_iteration(c, dt, online=False)))
     return out
