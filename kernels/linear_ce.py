@@ -49,7 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPE, KernelConfig
+from ._common import TL_DTYPE, KernelConfig, interpreting
+
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -59,22 +64,30 @@ LN2 = 0.6931471805599453
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
-                stride_wd, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _logit_tile(h_ptr, w_ptr, b_ptr, h_desc, w_desc, offs_n, offs_v, mask_n, mask_v, n0, v0, stride_hn,
+                stride_hd, stride_wv, stride_wd, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """z[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v].T (+ b[offs_v]), fp32 accumulation; rows of h
-    outside ``mask_n`` and of W outside ``mask_v`` read as 0."""
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
-    w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+    outside ``mask_n`` and of W outside ``mask_v`` read as 0. USE_TMA (Hopper): the tiles come by
+    TMA from the descriptors at rows n0 and v0 (= offs_n[0], offs_v[0]; out-of-bounds rows and
+    columns are zero-filled by the copy engine); otherwise by masked pointer loads (cp.async)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = (d0 + offs_d) < D
-        h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
+    if USE_TMA:
+        for d0 in range(0, D, BLOCK_D):
+            h = h_desc.load([n0, d0])
+            w = w_desc.load([v0, d0])
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        h_ptrs = h_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+        w_ptrs = w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = (d0 + offs_d) < D
+            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            h_ptrs += BLOCK_D * stride_hd
+            w_ptrs += BLOCK_D * stride_wd
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -97,6 +110,8 @@ def _grouped_tile(pid, n_row_tiles, n_col_tiles, group):
 def _lse_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, zt_ptr,
+    # TMA descriptors of h [N, D] and W [V, D] (USE_TMA; else None)
+    h_desc, w_desc,
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd,
     # sizes
@@ -105,14 +120,15 @@ def _lse_kernel(
     scale,
     # constexprs
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Partial log-sum-exp of scaled logits over one vocabulary split, and the target logit.
 
     Math: z = h W^T + b; lse[s, n] = log sum_{v in split s} exp(scale * z[n, v]);
           zt[s, n] = z[n, y_n] if y_n lies in split s else 0 (unscaled). Not differentiated here.
-    Shapes: h [N, D], W [V, D] (any strides), b [V], y [N] int64; lse, zt [SPLIT, N] contiguous;
-            grid (cdiv(N, BLOCK_N), SPLIT); split s covers tiles [s*TILES_PER_SPLIT, +TILES_PER_SPLIT).
+    Shapes: h [N, D], W [V, D] (any strides; USE_TMA: unit feature stride, 16-byte row strides),
+            b [V], y [N] int64; lse, zt [SPLIT, N] contiguous; grid (cdiv(N, BLOCK_N), SPLIT);
+            split s covers tiles [s*TILES_PER_SPLIT, +TILES_PER_SPLIT).
     Dtypes: h, W, b fp32/fp16/bf16 (h and W the same); dot and online max/sum in fp32; out fp32.
     Mutates: writes lse and zt (every row < N of its split); reads everything else.
     Preconditions: every split has >= 1 tile with a column < V; y is only compared, never an address.
@@ -136,8 +152,9 @@ def _lse_kernel(
     # core dots, no async wgmma to overlap) keep the nested loops: flattened, they spill.
     for v0 in tl.range(v_start, v_end, BLOCK_V, flatten=h_ptr.dtype.element_ty != tl.float32):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, offs_v < V, stride_hn, stride_hd,
-                        stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, h_desc, w_desc, offs_n, offs_v, mask_n, offs_v < V,
+                        pid_n * BLOCK_N, tl.cast(v0, tl.int32), stride_hn, stride_hd, stride_wv, stride_wd, D,
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, USE_TMA, DOT_PRECISION)
         if HAS_TARGET:
             zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         x2 = tl.where((offs_v < V)[None, :], z * scale2, float("-inf"))
@@ -154,21 +171,24 @@ def _lse_kernel(
 def _ce_dlogits_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
+    # TMA descriptors of h [N, D] and W [V, D] (USE_TMA; else None)
+    h_desc, w_desc,
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn,
     # sizes
     N, D, V_START, V_STOP, GROUP_N,
     # constexprs
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Softmax gradient of one logit tile, written out for the launcher's GEMMs (dense backward).
 
     Math: z = h W^T + b (recomputed); dz[n, c] = exp(z[n, v] - lse_n) - [y_n == v] with
           v = V_START + c; db[v] += sum_n g_n dz[n, v]. dh = g * (dz W) and dW = dz^T (g * h)
           are the launcher's (tensor-core GEMMs with no atomics).
-    Shapes: h [N, D], W [V, D] (any strides), b [V], y, lse, g [N]; dz [N, V_STOP - V_START]
-            (row stride stride_dzn, unit column stride); db [V] fp32; grid
+    Shapes: h [N, D], W [V, D] (any strides; USE_TMA: unit feature stride, 16-byte row strides),
+            b [V], y, lse, g [N]; dz [N, V_STOP - V_START] (row stride stride_dzn, unit column
+            stride); db [V] fp32; grid
             (cdiv(N, BLOCK_N) * cdiv(V_STOP - V_START, BLOCK_V),), GROUP_N row tiles per column.
     Dtypes: z and the softmax in fp32; dz rounded once to the input dtype, unscaled (entries in
             [-1, 1]: the row weights g are applied by the GEMMs, so a row's precision does not
@@ -183,8 +203,9 @@ def _ce_dlogits_kernel(
     offs_v = V_START + offs_c.to(tl.int64)
     mask_n = offs_n < N
     mask_c = offs_c < n_cols
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_c, stride_hn, stride_hd, stride_wv,
-                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, h_desc, w_desc, offs_n, offs_v, mask_n, mask_c, pid_n * BLOCK_N,
+                    V_START + pid_c * BLOCK_V, stride_hn, stride_hd, stride_wv, stride_wd, D, BLOCK_N, BLOCK_V,
+                    BLOCK_D, HAS_BIAS, USE_TMA, DOT_PRECISION)
     lse2 = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
     # p = exp2(z log2 e - lse log2 e): one FMA and one MUFU.EX2 per element
@@ -288,8 +309,9 @@ def _ce_bwd_kernel(
         offs_v = tl.load(order_ptr + V_START + offs_c, mask=mask_v, other=0).to(tl.int64)
     else:
         offs_v = V_START + offs_c
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
-                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    # rows of W gathered through the order: masked pointer loads (TMA takes contiguous boxes)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, None, None, offs_n, offs_v, mask_n, mask_v, 0, 0, stride_hn, stride_hd,
+                    stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, False, DOT_PRECISION)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
@@ -315,6 +337,8 @@ def _ce_bwd_kernel(
 def _softmax_write_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, lse_ptr, out_ptr,
+    # TMA descriptors of h [N, D] and W [V, D] (USE_TMA; else None)
+    h_desc, w_desc,
     # strides
     stride_hn, stride_hd, stride_wv, stride_wd, stride_on, stride_ov,
     # sizes
@@ -323,12 +347,13 @@ def _softmax_write_kernel(
     scale,
     # constexprs
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_LOG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_LOG: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Second pass of the fused softmax: recompute one logit tile and write it normalised.
 
     Math: out = exp(scale * z - lse) (IS_LOG: scale * z - lse), z = h W^T + b. No gradient.
-    Shapes: h [N, D], W [V, D], b [V], lse [N] (LSE of scale * z), out [N, V] (any strides);
+    Shapes: h [N, D], W [V, D] (USE_TMA: unit feature stride, 16-byte row strides), b [V], lse [N]
+            (LSE of scale * z), out [N, V] (any strides);
             grid (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), GROUP_N row tiles per column of tiles
             (one axis: a vocabulary of more than 65535 tiles does not meet grid axis 1's limit).
     Dtypes: z, out computed in fp32, stored in out's dtype.
@@ -340,8 +365,9 @@ def _softmax_write_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, stride_hn, stride_hd, stride_wv,
-                    stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, h_desc, w_desc, offs_n, offs_v, mask_n, mask_v, pid_n * BLOCK_N,
+                    pid_v * BLOCK_V, stride_hn, stride_hd, stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D,
+                    HAS_BIAS, USE_TMA, DOT_PRECISION)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     if IS_LOG:
         out = z * scale - lse[:, None]
@@ -397,6 +423,37 @@ def _check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
     return grid
 
 
+# TMA loads on Hopper for the kernels that read h and W in contiguous boxes (LSE, dense
+# backward, softmax write). The interpreter runs the TMA path only when a test asks for it.
+TMA_IN_INTERPRETER = False
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether h and W can be read by TMA: Hopper or newer (or the interpreter with
+    TMA_IN_INTERPRETER), fp16/bf16, unit feature stride, 16-byte aligned base and row stride."""
+    if TensorDescriptor is None:
+        return False
+    t0 = tensors[0]
+    if t0.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if t0.is_cuda:
+        if interpreting() or torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not (interpreting() and TMA_IN_INTERPRETER):
+        return False
+    return all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _descs(use_tma: bool, h: torch.Tensor, weight: torch.Tensor, cfg: TileConfig):
+    """(h_desc, w_desc): TMA descriptors of h [rows, D] and W [V, D] in [BLOCK_N | BLOCK_V, BLOCK_D]
+    boxes, or (None, None) for the pointer path."""
+    if not use_tma:
+        return None, None
+    return (TensorDescriptor(h, list(h.shape), list(h.stride()), [cfg.BLOCK_N, cfg.BLOCK_D]),
+            TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [cfg.BLOCK_V, cfg.BLOCK_D]))
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -437,13 +494,15 @@ def lse_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     split = grid[1]
     lse = torch.empty((split, N), device=h.device, dtype=torch.float32)
     zt = torch.empty((split, N), device=h.device, dtype=torch.float32) if targets is not None else lse
+    use_tma = _use_tma(h, weight)
+    h_desc, w_desc = _descs(use_tma, h, weight, cfg)
     _lse_kernel[grid](
         h_ptr=h, w_ptr=weight, b_ptr=bias if bias is not None else h,
-        tgt_ptr=targets if targets is not None else lse, lse_ptr=lse, zt_ptr=zt,
+        tgt_ptr=targets if targets is not None else lse, lse_ptr=lse, zt_ptr=zt, h_desc=h_desc, w_desc=w_desc,
         stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         N=N, V=V, D=D, TILES_PER_SPLIT=per, scale=float(scale),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-        HAS_BIAS=bias is not None, HAS_TARGET=targets is not None, DOT_PRECISION=_precision(h.dtype),
+        HAS_BIAS=bias is not None, HAS_TARGET=targets is not None, USE_TMA=use_tma, DOT_PRECISION=_precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         return lse[0], (zt[0] if targets is not None else None)
@@ -523,6 +582,7 @@ def _ce_backward_dense(h, weight, bias, targets, lse, g, need_dh, need_dw, need_
         hg = torch.empty_like(h, memory_format=torch.contiguous_format)
         torch.mul(h, (g if dt == torch.float32 else g / gmax)[:, None], out=hg)  # fp32 math, one rounding
     rows, cols = _dz_chunking(N, V, D, cfg.BLOCK_V)
+    use_tma = _use_tma(h, weight)
     buf = torch.empty((rows * cols,), device=dev, dtype=dt)
     dw_acc = torch.empty((cols * D,), device=dev, dtype=torch.float32) if need_dw and dt != torch.float32 else None
     dummy = lse
@@ -535,15 +595,16 @@ def _ce_backward_dense(h, weight, bias, targets, lse, g, need_dh, need_dw, need_
         for r0 in range(0, N, rows):
             nr = min(rows, N - r0)
             dz = buf[:nr * vc].view(nr, vc)
+            h_desc, w_desc = _descs(use_tma, h[r0:r0 + nr], weight, cfg)
             _ce_dlogits_kernel[_tile_grid(nr, vc, cfg)](
                 h_ptr=h[r0:r0 + nr], w_ptr=weight, b_ptr=bias if bias is not None else h,
                 tgt_ptr=targets[r0:r0 + nr], lse_ptr=lse[r0:r0 + nr], g_ptr=g[r0:r0 + nr], dz_ptr=dz,
-                db_ptr=db if db is not None else dummy,
+                db_ptr=db if db is not None else dummy, h_desc=h_desc, w_desc=w_desc,
                 stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
                 stride_wd=weight.stride(1), stride_dzn=dz.stride(0),
                 N=nr, D=D, V_START=v0, V_STOP=v0 + vc, GROUP_N=_group_rows(cfg.BLOCK_N, D),
                 BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None,
-                COMPUTE_DB=need_db, DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps,
+                COMPUTE_DB=need_db, USE_TMA=use_tma, DOT_PRECISION=_precision(dt), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
             if need_dh:  # dh rows += dz W_chunk, fp32 accumulation across vocabulary chunks
                 _addmm_f32(dh32[r0:r0 + nr], dz, w_chunk, beta=1.0)
@@ -652,13 +713,16 @@ def softmax_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     lse, _ = lse_forward(h, weight, bias, None, scale)
     out = torch.empty((N, V), device=h.device, dtype=out_dtype)
     cfg = _config("write", h.dtype, h.device, N, D)
+    use_tma = _use_tma(h, weight)
     for r0, r1 in _row_slices(N, triton.cdiv(V, cfg.BLOCK_V), cfg.BLOCK_N):
+        h_desc, w_desc = _descs(use_tma, h[r0:r1], weight, cfg)
         _softmax_write_kernel[_tile_grid(r1 - r0, V, cfg)](
             h_ptr=h[r0:r1], w_ptr=weight, b_ptr=bias if bias is not None else h, lse_ptr=lse[r0:r1],
-            out_ptr=out[r0:r1], stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
+            out_ptr=out[r0:r1], h_desc=h_desc, w_desc=w_desc, stride_hn=h.stride(0), stride_hd=h.stride(1), stride_wv=weight.stride(0),
             stride_wd=weight.stride(1), stride_on=out.stride(0), stride_ov=out.stride(1), N=r1 - r0, V=V, D=D,
             GROUP_N=_group_rows(cfg.BLOCK_N, D), scale=float(scale), BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V,
-            BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None, IS_LOG=log, DOT_PRECISION=_precision(h.dtype),
+            BLOCK_D=cfg.BLOCK_D, HAS_BIAS=bias is not None, IS_LOG=log, USE_TMA=use_tma,
+            DOT_PRECISION=_precision(h.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -679,10 +743,17 @@ def _gate_config(name, fn, dt, cfg, constexprs, **kw) -> KernelConfig:
     t = TL_DTYPE[dt]
     ce = {**{k: 1 for k in _UNIT_STRIDES if k in fn.arg_names}, "BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V,
           "BLOCK_D": cfg.BLOCK_D, "DOT_PRECISION": _precision(dt), **constexprs}
+    tma = ce.get("USE_TMA", False)
+    if "h_desc" in fn.arg_names and not tma:
+        ce.update(h_desc=None, w_desc=None)
     sig = {}
     for a in fn.arg_names:
         if a in ce:
             sig[a] = "constexpr"
+        elif a == "h_desc":
+            sig[a] = f"tensordesc<{t}[{cfg.BLOCK_N}, {cfg.BLOCK_D}]>"
+        elif a == "w_desc":
+            sig[a] = f"tensordesc<{t}[{cfg.BLOCK_V}, {cfg.BLOCK_D}]>"
         elif a.endswith("_ptr"):
             sig[a] = _PTR_TYPES.get(a, f"*{t}")
         else:
@@ -714,11 +785,25 @@ def compile_configs():
 
     LSE (with / without target), dense backward (softmax-gradient tiles), filtered backward
     (fused, sorted vocabulary) and softmax write (prob / log): bf16 with and without bias, fp16
-    with bias (same code, other element type), and the fp32 tiles. fp32 inputs run "ieee" dots
-    on CUDA cores by design (TF32 would lose the fp32 accuracy; "tf32x3" spilled on sm_80 at
-    64x64), listed with needs_mma=False so the gate still checks their registers and shared memory.
+    with bias (same code, other element type), and the fp32 tiles. The LSE, dense backward and
+    write kernels read h and W by TMA on sm_90 (``_tma`` entries, sm_90 only) and by cp.async
+    pointer loads on sm_80 and, on sm_90, for inputs TMA cannot take (strided rows; the bf16
+    with-bias build stands for those). fp32 inputs run "ieee" dots on CUDA cores by design
+    (TF32 would lose the fp32 accuracy; "tf32x3" spilled on sm_80 at 64x64), listed with
+    needs_mma=False so the gate still checks their registers and shared memory.
     """
     out = []
+
+    def add(name, fn, dt, c, flags, exp2, tma_capable):
+        if tma_capable and dt != torch.float32:
+            out.append(_gate_config(f"{name}_tma", fn, dt, c, {**flags, "USE_TMA": True}, archs=(90,),
+                                    exp2_per_iteration=exp2))
+            archs = (90, 80) if name.endswith("bf16_bias") else (80,)
+            out.append(_gate_config(name, fn, dt, c, {**flags, "USE_TMA": False}, archs=archs, exp2_per_iteration=exp2))
+        else:
+            flags = {**flags, "USE_TMA": False} if "USE_TMA" in fn.arg_names else flags
+            out.append(_gate_config(name, fn, dt, c, flags, exp2_per_iteration=exp2))
+
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         t = TL_DTYPE[dt]
         cls = "fp32" if dt == torch.float32 else "half"
@@ -726,23 +811,21 @@ def compile_configs():
             sfx = f"{t}_{'bias' if has_bias else 'nobias'}"
             for has_tgt in ((True, False) if dt == torch.bfloat16 and has_bias else (True,)):
                 c = _CONFIGS[("lse", cls)]
-                out.append(_gate_config(f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", _lse_kernel, dt, c,
-                                        {"HAS_BIAS": has_bias, "HAS_TARGET": has_tgt},
-                                        exp2_per_iteration=_exp2_per_iteration(c, dt, online=True)))
+                add(f"linear_ce_lse_{sfx}{'' if has_tgt else '_notarget'}", _lse_kernel, dt, c,
+                    {"HAS_BIAS": has_bias, "HAS_TARGET": has_tgt}, _exp2_per_iteration(c, dt, online=True),
+                    tma_capable=True)
             c = _CONFIGS[("dlogits", cls)]
-            out.append(_gate_config(f"linear_ce_dlogits_{sfx}", _ce_dlogits_kernel, dt, c,
-                                    {"HAS_BIAS": has_bias, "COMPUTE_DB": has_bias},
-                                    exp2_per_iteration=_exp2_per_iteration(c, dt, online=False)))
+            add(f"linear_ce_dlogits_{sfx}", _ce_dlogits_kernel, dt, c, {"HAS_BIAS": has_bias, "COMPUTE_DB": has_bias},
+                _exp2_per_iteration(c, dt, online=False), tma_capable=True)
             c = _CONFIGS[("bwd", cls)]
-            out.append(_gate_config(f"linear_ce_bwd_filtered_{sfx}", _ce_bwd_kernel, dt, c,
-                                    {"HAS_BIAS": has_bias, "HAS_ORDER": True, "FILTER": True, "COMPUTE_DH": True,
-                                     "COMPUTE_DW": True, "COMPUTE_DB": has_bias},
-                                    exp2_per_iteration=_exp2_per_iteration(c, dt, online=False)))
+            add(f"linear_ce_bwd_filtered_{sfx}", _ce_bwd_kernel, dt, c,
+                {"HAS_BIAS": has_bias, "HAS_ORDER": True, "FILTER": True, "COMPUTE_DH": True, "COMPUTE_DW": True,
+                 "COMPUTE_DB": has_bias}, _exp2_per_iteration(c, dt, online=False), tma_capable=False)
         if dt == torch.float16:
             continue  # the write kernel's fp16 build differs from bf16 only in element type
         for is_log in ((False, True) if dt != torch.float32 else (False,)):
             c = _CONFIGS[("write", cls)]
-            out.append(_gate_config(f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", _softmax_write_kernel,
-                                    dt, c, {"HAS_BIAS": True, "IS_LOG": is_log},
-                                    exp2_per_iteration=0 if is_log else _exp2_per_iteration(c, dt, online=False)))
+            add(f"linear_ce_softmax_write_{t}{'_log' if is_log else ''}", _softmax_write_kernel, dt, c,
+                {"HAS_BIAS": True, "IS_LOG": is_log}, 0 if is_log else _exp2_per_iteration(c, dt, online=False),
+                tma_capable=True)
     return out

@@ -467,3 +467,25 @@ def test_row_sliced_launches_match(monkeypatch, what):
     sliced = run()
     for a, c in zip(whole if isinstance(whole, tuple) else (whole,), sliced if isinstance(sliced, tuple) else (sliced,)):
         torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_tma_path_matches_pointer_path(monkeypatch, bias):
+    # On Hopper the LSE, dense-backward and softmax-write kernels read h and W by TMA (zero-filled
+    # out-of-bounds boxes instead of masks). The interpreter runs that path on request: it must
+    # give the pointer path's results on a ragged shape (N, V not multiples of the tiles).
+    import lorafast.kernels.linear_ce as k
+
+    h, w, b, y = make_case(37, 300, 48, torch.float16, bias, False)
+    up = torch.randn(37)
+    fn = lambda h, w, b, y, r: linear_cross_entropy(h, w, b, y, reduction=r, impl="triton")  # noqa: E731
+    assert not k._use_tma(h, w)
+    ptr = run_ce(fn, h, w, b, y, "none", up), linear_softmax(h, w, b, impl="triton", log=True)
+    monkeypatch.setattr(k, "TMA_IN_INTERPRETER", True)
+    assert k._use_tma(h, w) and not k._use_tma(h[:, ::2], w) and not k._use_tma(h.float(), w.float())
+    tma = run_ce(fn, h, w, b, y, "none", up), linear_softmax(h, w, b, impl="triton", log=True)
+    for name, a, c in zip(("loss", "dh", "dW", "db", "log_softmax"), (*ptr[0], ptr[1]), (*tma[0], tma[1])):
+        if a is None:
+            assert c is None
+            continue
+        torch.testing.assert_close(c, a, rtol=0, atol=0, msg=name)
