@@ -1,44 +1,88 @@
 """Fused output projection + cross-entropy (training) and + softmax (inference), in Triton.
 
 The logits ``z = h @ W.T + b`` (``h [N, D]``, ``W [V, D]``, ``b [V]``) are the largest tensor of
-LM training; these kernels never hold more than one ``[BLOCK_N, BLOCK_V]`` tile of them.
+LM training; these kernels hold one ``[BLOCK_N, BLOCK_V]`` tile of them in registers, and the
+dense backward at most ``DZ_CHUNK_ELEMS`` elements of their gradient in memory. Each kernel's
+docstring gives its contract (math, shapes, dtypes, what it mutates, preconditions).
 
-* ``_lse_kernel``: per row, the log-sum-exp of ``z * scale`` over a range of vocabulary tiles
-  (online max/sum with ``exp2``, fp32) and the logit of the target when it falls in that range.
-  The vocabulary can be split into ``SPLIT`` ranges (grid axis 1) for parallelism when N is
-  small; the launcher combines the partial LSEs with one ``logsumexp`` over ``[SPLIT, N]``.
-* ``_ce_bwd_kernel``: recomputes one logit tile, forms ``dz = (softmax(z) - onehot(y)) * g``
-  and adds ``dz @ W`` into ``dh``, ``dz.T @ h`` into ``dW`` and ``sum(dz)`` into ``db`` with
-  fp32 atomics (Cut Cross-Entropy's ``cce_backward``): each logit tile is recomputed exactly
-  once, so fwd+bwd costs four N·V·D GEMMs, the speed of light without stored logits. The
-  price is that fp32 additions land in a run-dependent order: run-to-run differences at the
-  level of fp32 rounding (below one ulp of the final fp16/bf16 cast, usually). The deterministic alternative
-  (one kernel over (V, D) blocks looping over N for dW, one over (N, D) looping over V for dh)
-  recomputes every logit tile ``2·ceil(D / BLOCK_D)`` times; at D = 1024 that is 16 GEMMs
-  instead of 4, so it is not shipped. Unmeasured risk (no GPU yet): the atomics move
-  ``N·D·V/BLOCK_V + V·D·N/BLOCK_N`` fp32 adds through L2 (about 1 per 384 FLOPs of the tile);
-  if they bound the H200 time, the next step is CCE's gradient filter (skip tiles whose
-  |dz| is below the output dtype's precision) or larger BLOCK_V for the dh side.
+* ``_lse_kernel`` (forward): per row, the log-sum-exp of ``z * scale`` over a range of
+  vocabulary tiles (online max/sum with ``exp2``, fp32) and the target's logit. One flattened
+  (vocabulary tile x D step) loop, so the software pipeline does not drain per tile; the
+  vocabulary is split over grid axis 1 when N alone does not fill the GPU.
+* ``_ce_dlogits_kernel`` (dense backward, the default): recomputes a logit tile and writes
+  ``dz = softmax(z) - onehot(y)`` (unscaled, input dtype) into a chunk buffer; the launcher
+  reduces each chunk with two tensor-core GEMMs: ``dh = g * (dz W)``, ``dW = dz^T (g * h)``.
+* ``_ce_bwd_kernel`` (filtered backward, ``filter_eps``): recomputes a logit tile over the
+  vocabulary sorted by mean logit, skips it when ``|dz| < filter_eps`` everywhere, else adds
+  ``g * (dz W)`` into dh and ``dz^T (g * h)`` into dW with relaxed fp32 atomics (Cut
+  Cross-Entropy's ``cce_backward``).
 * ``_softmax_write_kernel``: second pass of the fused softmax: recomputes a logit tile and
   writes ``softmax(z * scale)`` (or its log) normalised with the LSE of the first pass.
 
-Targets are never used as addresses: they are only compared with column indices, so an
-out-of-range target cannot cause an out-of-bounds access (the op layer flags such rows).
+Why two backward paths. Without stored logits, fwd+bwd costs four N·V·D GEMMs (logits in the
+forward, recomputed logits, dh, dW); eager PyTorch and Liger pay three. The fused backward adds
+``(BLOCK_N + BLOCK_V) * D`` fp32 per tile for ``6 * BLOCK_N * BLOCK_V * D`` FLOPs: one 4-byte
+atomic per 384 FLOPs at 128 x 128, i.e. 6.3 TB/s of read-modify-write into L2 at 600 TFLOP/s,
+more than the H100/H200 L2 serves for plain loads (about 5.5 TB/s): on random logits it is
+atomic-bound. The dense path moves ``3 * N * V`` elements of ``dz`` instead (written once, read by
+the two GEMMs; 12.9 GB at N=16k, V=128k in bf16, against about 30 GB of logit passes in eager),
+with no atomics but one per column per tile for db, and its GEMMs run at cuBLAS speed. On a
+trained model's confident logits most tiles fall below ``filter_eps`` and the fused kernel does
+little more than the recompute GEMM. Counted on CPU (fp32, eps = 2**-12, D = 2048) for the
+benchmark's synthetic peaked logits, the share of 128 x 128 tiles that survive: 15% at V=50304
+(99% with the vocabulary unsorted), 6% at V=131072 (79% unsorted); on random logits 74% and 38%:
+use ``filter_eps`` for trained models only.
 
-Lineage: apple/ml-cross-entropy (``cce_lse_forward.py``, ``cce_backward.py``); Triton tutorials
-03 (tiled matmul) and 06 (online softmax with exp2). Tested: Triton interpreter on CPU (fp32,
-fp16); compiled ahead of time for sm_90 and sm_80 by :mod:`lorafast.compile_gate`.
+Precision. The row weights ``g`` (upstream gradient, 0 on ignored rows) commute with the sum
+over the vocabulary, so dh takes unscaled ``dz`` and ``g_n`` multiplies each row's fp32 result:
+a row's precision does not depend on the other rows (issue 13, item 3). dW sums over rows, so
+``g`` enters the GEMM through the rows of ``h``, relative to ``max|g|`` in fp16/bf16 (about 1 / N
+for a mean, ``g`` alone would leave fp16's normal range), and ``max|g|`` multiplies the fp32
+result before its one rounding: a row's contribution is rounded relative to the largest one it
+is summed with. db comes from fp32 ``dz * g``. Accumulation is fp32 throughout: dh across
+vocabulary chunks (an N x D fp32 buffer, rounded at the end into the memory of the scaled copy
+of h, dead by then), dW per chunk (dense: one GEMM per chunk, staged in fp32; filtered: fp32
+atomics into a ``VOCAB_CHUNK x D`` accumulator), db with relaxed atomics. The dense dh and dW
+are deterministic (cuBLAS); db, and everything in the filtered path, sum atomically in a
+run-dependent order (differences at the level of fp32 rounding).
+
+Error bound of ``filter_eps``. A skipped tile has ``|dz[n, v]| < eps`` everywhere (before the
+row weight). Let ``S_n`` be the entries of row n below eps; the skipped ones are among them, and
+``sum_v |dz[n, v]| = 2 (1 - p[n, y_n])``. Hence, against the unfiltered gradients:
+``|d dh[n, d]| <= |g_n| * max_v |W[v, d]| * min(eps * |S_n|, 2 (1 - p[n, y_n]))`` and
+``|d dW[v, d]| <= eps * sum_n |g_n| |h[n, d]|``; db is exact (never filtered). Cut
+Cross-Entropy's "auto" is ``eps = finfo(dtype).eps / 32``: every dropped entry is below 1/32 of
+the input dtype's unit roundoff. ``tests/test_linear_ce.py`` checks the bound per element.
+
+Launch. The tile kernels run 1-D grids in grouped order (Triton tutorial 03): GROUP_N row tiles
+per column of vocabulary tiles, GROUP_N sized so that their fp32 dh rows take about 16 MiB, a
+third of the 50 MiB L2, so that the programs in flight share their dh rows and a few dW rows and
+those stay resident while the group sweeps the vocabulary. Grids are checked against CUDA's
+limits (x <= 2**31 - 1, y, z <= 65535); the launchers split rows where a 1-D grid would exceed
+x. On Hopper the LSE, dense-backward and write kernels read h and W by TMA (no masks: the copy
+engine zero-fills out-of-bounds boxes; no proxy fence in the loop); elsewhere, and for strided
+inputs, by masked cp.async loads. Targets are never used as addresses: they are only compared
+with column indices, so an out-of-range target cannot cause an out-of-bounds access (the op
+layer flags such rows).
+
+Lineage: apple/ml-cross-entropy (``cce_lse_forward.py``, ``cce_backward.py``: recomputed tiles,
+gradient filter, vocabulary sorted by average logit); linkedin/Liger-Kernel
+(``fused_linear_cross_entropy.py``: logit-gradient chunks reduced by GEMMs, fp32 ``addmm``
+accumulation); Triton tutorials 03 (tiled matmul, grouped order), 06 (online softmax with exp2)
+and 09 (persistent matmul: flattened loops, TMA descriptors). Tested: Triton interpreter on CPU
+(fp32, fp16; the TMA path on request); compiled ahead of time for sm_90 and sm_80 by
+:mod:`lorafast.compile_gate`; the bf16 and H200 checks are ``cuda``-marked tests.
 
 Tile configs (no GPU was available when they were chosen): BLOCK_N = BLOCK_V = 128 and
 BLOCK_D = 64 with 8 warps sit in the range of the configs listed by CCE's ``tl_autotune.py``
 and Triton tutorial 03's fp16 matmul configs (128-256 × 128-256 × 32-64, 4-8 warps, 3-4 stages);
 num_stages was lowered until every config fit shared memory without spills on sm_80 and sm_90
-(``python -m lorafast.compile_gate --filter linear_ce``): 3 for the LSE and write kernels, 2
-for the backward (its two extra dots). fp32 inputs use exact "ieee" dots on CUDA cores with
-64x64x32 tiles (backward 32x32x32, the largest without spills): a correctness path, not a
-fast one (train in bf16). To re-tune on H200: sweep BLOCK_V in
-{128, 256}, BLOCK_D in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4} with
-``python -m lorafast.bench.linear_ce`` and replace the entries of ``_CONFIGS``.
+(``python -m lorafast.compile_gate --filter linear_ce``): 3 for the LSE, dense-backward and
+write kernels, 2 for the filtered backward (its two extra dots). fp32 inputs use exact "ieee"
+dots on CUDA cores with 64x64x32 tiles (filtered backward 32x32x32 with 3 stages, the largest
+without spills): a correctness path, not a fast one (train in bf16). To re-tune on H200: sweep
+BLOCK_V in {128, 256}, BLOCK_D in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4}
+(4 fits with TMA: 128 KiB), and DZ_CHUNK_ELEMS, with ``python -m lorafast.bench.linear_ce``.
 """
 from __future__ import annotations
 

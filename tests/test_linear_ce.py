@@ -489,3 +489,30 @@ def test_tma_path_matches_pointer_path(monkeypatch, bias):
             assert c is None
             continue
         torch.testing.assert_close(c, a, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.cuda
+def test_cuda_dense_and_filtered_backward_bf16():
+    """On a GPU, bf16: the dense backward (several vocabulary chunks) under the CCE rule, and the
+    filtered one (eps = CCE's "auto" for bf16) within the filter's bound on top of it, on the
+    benchmark's synthetic peaked logits."""
+    import lorafast.kernels.linear_ce as k
+    from lorafast.bench.linear_ce import _inputs
+
+    N, V, D = 4096, 50304, 512
+    h, w, b, y = (t.to(torch.bfloat16) if t.is_floating_point() else t
+                  for t in _inputs(N, V, D, torch.float32, "cuda", True, grad=False, logits="peaked"))
+    assert k._dz_chunking(N, V, D, 128)[1] < V  # several chunks
+    truth = run_ce(eager, h.double(), w.double(), b.double(), y, "mean", None)
+    ref = run_ce(eager, h, w, b, y, "mean", None)
+    g = (y != IGNORE).double() / (y != IGNORE).sum()
+    eps = torch.finfo(torch.bfloat16).eps / 32
+    bound_dh, bound_dw = _sub_eps_bound(h, w, b, y, g, eps)
+    for filt in (None, eps):
+        ours = run_ce(lambda *a: linear_cross_entropy(*a[:4], reduction=a[4], filter_eps=filt), h, w, b, y, "mean",
+                      None)
+        for name, o, r, t in zip(("loss", "dh", "dW", "db"), ours, ref, truth):
+            if filt is not None and name in ("dh", "dW"):
+                slack = (bound_dh if name == "dh" else bound_dw).to(t.device)
+                t = t + torch.sign(o.double() - t) * torch.minimum(slack, (o.double() - t).abs())
+            assert_rule(f"{'filtered' if filt else 'dense'} {name}", o, r, t, TOL[torch.bfloat16])

@@ -357,9 +357,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     scalar for "mean"/"sum", the per-position losses (targets' shape) for "none".
     ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA; such
     rows take no gradient).
-    Triton backward: dh, dW, db accumulate in fp32 with atomic adds, so they vary run to run in
-    the last fp32 bits (the PyTorch path is deterministic); dW is accumulated one vocabulary chunk
-    of 8192 rows at a time, so the fp32 accumulators take 4 * (N + min(V, 8192)) * D bytes.
+    Triton backward: softmax-gradient chunks reduced by GEMMs with fp32 accumulation (dh, dW
+    deterministic; db sums with atomic adds, so it varies run to run in the last fp32 bits);
+    extra memory about 4 * N * D bytes (fp32 dh) plus a 2**26-element chunk buffer (at most 1/8
+    of the logits) and a 32 MiB fp32 staging of dW rows.
     ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.resolve_impl`).
     ``filter_eps``: None (default, exact) or a float in (0, 1): the Triton backward skips, for dh
     and dW, the tiles whose softmax gradient |softmax - onehot| is below it everywhere (Cut
