@@ -234,15 +234,49 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     return records
 
 
+def filter_survival(N: int, V: int, D: int, logits: str = "peaked", dtype: str = "bfloat16", device: str = "cpu",
+                    block: int = 128) -> dict:
+    """Share of the filtered backward's ``block x block`` tiles that survive ``filter_eps =
+    finfo(dtype).eps / 32`` on this benchmark's inputs (fp32 math), with the vocabulary sorted as
+    the kernel sorts it (``_vocab_order``) and unsorted. No GPU needed; it counts work, not time."""
+    from lorafast.kernels.linear_ce import _vocab_order
+
+    eps = torch.finfo(_DTYPES[dtype]).eps / 32
+    h, w, b, y = _inputs(N, V, D, torch.float32, device, True, grad=False, logits=logits)
+    valid = y != -100
+    dz = torch.softmax(torch.addmm(b, h, w.t()), -1)
+    p_target = dz[valid, y[valid]]
+    dz[valid, y[valid]] -= 1
+    dz[~valid] = 0
+    dz.abs_()
+    order = _vocab_order(h, w, b, valid.float())
+    nt, vt = -(-N // block), -(-V // block)
+
+    def kept(a: torch.Tensor) -> float:
+        pad = torch.zeros(nt * block, vt * block, device=device)
+        pad[:N, :V] = a
+        return float((pad.view(nt, block, vt, block).amax(dim=(1, 3)) >= eps).float().mean())
+
+    return {"logits": logits, "N": N, "V": V, "D": D, "eps": eps, "tiles_kept_sorted": kept(dz[:, order]),
+            "tiles_kept_unsorted": kept(dz), "median_p_target": float(p_target.median())}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = common.suite_parser("linear_ce", __doc__, "all shapes and providers (CPU: adds torch.compile)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU: torch.set_num_threads for the timing runs (0: leave the default); on a "
                         "shared machine, 1 avoids OpenMP barrier stalls that hit the many small ops of the "
                         "chunked path far harder than eager's few large ones")
+    p.add_argument("--survival", nargs=3, type=int, metavar=("N", "V", "D"),
+                   help="instead of timing: the share of backward tiles filter_eps keeps on peaked and "
+                        "random logits of this shape (fp32 math, any device)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.survival:
+        common.finish([filter_survival(*args.survival, logits=k, device=args.device) for k in ("peaked", "random")],
+                      args.device, "linear_ce filter survival", args.save)
+        return
     common.finish(run(args.device, quick=not args.full), args.device, "linear_ce", args.save)
 
 

@@ -28,10 +28,11 @@ atomic-bound. The dense path moves ``3 * N * V`` elements of ``dz`` instead (wri
 the two GEMMs; 12.9 GB at N=16k, V=128k in bf16, against about 30 GB of logit passes in eager),
 with no atomics but one per column per tile for db, and its GEMMs run at cuBLAS speed. On a
 trained model's confident logits most tiles fall below ``filter_eps`` and the fused kernel does
-little more than the recompute GEMM. Counted on CPU (fp32, eps = 2**-12, D = 2048) for the
-benchmark's synthetic peaked logits, the share of 128 x 128 tiles that survive: 15% at V=50304
-(99% with the vocabulary unsorted), 6% at V=131072 (79% unsorted); on random logits 74% and 38%:
-use ``filter_eps`` for trained models only.
+little more than the recompute GEMM. On the benchmark's synthetic peaked logits (eps = 2**-12,
+D = 2048) 15% of the 128 x 128 tiles survive at V=50304 (99% with the vocabulary unsorted),
+6% at V=131072 (79% unsorted); on random logits 74% and 38%
+(``python -m lorafast.bench.linear_ce --survival 2048 50304 2048``, ``--survival 1024 131072
+2048``, on CPU): use ``filter_eps`` for trained models only.
 
 Precision. The row weights ``g`` (upstream gradient, 0 on ignored rows) commute with the sum
 over the vocabulary, so dh takes unscaled ``dz`` and ``g_n`` multiplies each row's fp32 result:
