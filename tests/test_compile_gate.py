@@ -26,11 +26,7 @@ ENV = {**os.environ, "TRITON_INTERPRET": "0"}
 # removes the entry. xfail(strict=True): once a fix lands the test passes, the xfail turns into
 # a failure, and the entry must go (the integrator empties these sets as the kernel branches
 # land). Counts quoted are sm_90 SASS, per loop iteration (python -m lorafast.compile_gate).
-KNOWN_FENCED_ATOMICS = {
-    # 16 acq_rel ATOMG (each MEMBAR.ALL.GPU ... CCTL.IVALL) per iteration of the dW/dx loop
-    # (fp32: 4); fix: tl.atomic_add(..., sem="relaxed") in kernels/linear_ce.py (CE engineer)
-    "linear_ce_bwd_": "fenced atomics in the linear-CE backward loop",
-}
+KNOWN_FENCED_ATOMICS: dict[str, str] = {}  # linear_ce_bwd_: fixed by relaxed atomics (branch ce)
 KNOWN_EXTRA_EXP2 = {
     # no exp2_per_iteration declared yet; SASS per iteration: fwd 34 (128x64 tile: 32 + 2
     # rescales), d64 fwd 66, fp32 fwd 4; fix: declare the need in kernels/attention.py
@@ -41,9 +37,6 @@ KNOWN_EXTRA_EXP2 = {
     "attn_dkdv_": "attention dK/dV: duplicated exp2 (d128, d80) and no declared need",
     # 16 per iteration (128 x 32 tile on 8 warps: 16, no duplication); fix: declare the need
     "attn_dq_": "attention dQ: exp2_per_iteration not declared",
-    # 66 per vocabulary tile (128 x 128: 64 + 2 rescales), fp32 40; fix: declare the need in
-    # kernels/linear_ce.py (CE engineer)
-    "linear_ce_lse_": "linear-CE LSE: exp2_per_iteration not declared",
 }
 
 
