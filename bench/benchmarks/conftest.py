@@ -1,0 +1,165 @@
+"""The pytest-benchmark suite of lorafast: one benchmark per kernel, provider and case, and one per
+training step, built on the suites' own ``setup`` factories and case lists
+(:func:`lorafast.bench.common.timed_cases`), so it times exactly what ``lorafast bench`` times.
+
+    python -m pytest bench --benchmark-only                     # small cases, default device
+    python -m pytest bench --benchmark-only --benchmark-autosave            # save a baseline (.benchmarks/)
+    python -m pytest bench --benchmark-only --benchmark-compare=0001 \\
+        --benchmark-compare-fail=median:10%                     # compare with it; fail on a regression
+
+Not collected by ``python -m pytest`` (pyproject's testpaths is ``tests``); CI does not run it.
+Options are environment variables (a conftest below the command-line arguments cannot add
+pytest flags): ``LORAFAST_BENCH_DEVICE`` (cpu or cuda; default cuda when available),
+``LORAFAST_BENCH_FULL=1`` (the sizes of ``lorafast bench --full``), ``LORAFAST_BENCH_THREADS=N``
+(``torch.set_num_threads(N)``; the count used is printed in the header and saved with the
+machine info).
+
+Names: ``test_<suite>[<provider>-<key>=<value>-...]``, keys sorted, so two saved runs line up
+case by case in ``--benchmark-compare``; ``benchmark.group`` is the suite and the case without
+the provider, so each table holds the providers of one case (``--benchmark-group-by=fullname``
+puts each benchmark alone beside its saved baseline).
+
+Timing: ``benchmark.pedantic`` with one call per round. On CUDA the timed call ends with
+``torch.cuda.synchronize()`` (pytest-benchmark's timer is wall-clock), and the untimed setup of
+each round synchronizes and clears the gradients, so a round is one complete call on an idle
+device. The sync adds a few microseconds per call: under 1 % at the sizes here (0.1 ms and up);
+it would not be for microsecond kernels, which would need several calls per sync. Unlike
+``lorafast bench`` (``triton.testing.do_bench``), the L2 cache is not flushed between calls, so
+the figures are for comparing commits, not for quoting. Rounds: ``--benchmark-max-time`` (default
+1 s) over the time of one call, at least ``--benchmark-min-rounds`` (5). Each benchmark's
+``extra_info`` holds the case, the thread count and its spread (p20, p80, p80/p20); a case
+whose p80/p20 exceeds 1.5 is flagged noisy with a warning.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+
+import pytest
+
+from lorafast.bench import common
+
+
+def bench_device() -> str:
+    import torch
+
+    dev = os.environ.get("LORAFAST_BENCH_DEVICE", "auto")
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (dev == "cpu" or dev.startswith("cuda")):
+        raise pytest.UsageError(f"LORAFAST_BENCH_DEVICE must be cpu, cuda or auto, got {dev!r}")
+    return dev
+
+
+def bench_quick() -> bool:
+    return os.environ.get("LORAFAST_BENCH_FULL", "0") in ("", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    n = os.environ.get("LORAFAST_BENCH_THREADS")
+    if n:
+        try:
+            common.set_threads(int(n))
+        except ValueError as e:
+            raise pytest.UsageError(f"LORAFAST_BENCH_THREADS: {e}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    env = common.env_record(bench_device())
+    return (f"lorafast bench: device={env['device']} threads={env['threads']} load_1m={env['load_1m']} "
+            f"commit={env['commit']} cases={'small' if bench_quick() else 'full'}")
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """What must match for two saved runs to be comparable (pytest-benchmark warns when it does
+    not): device, versions, thread count. The commit is in ``commit_info``; the load average goes
+    to each benchmark's ``extra_info``."""
+    env = common.env_record(bench_device())
+    machine_info["lorafast"] = {k: env[k] for k in ("device", "torch", "triton", "cuda", "threads")}
+
+
+def case_id(case: dict) -> str:
+    """``provider-key=value-...`` with the other keys sorted (device left out): stable names."""
+    rest = [f"{k}={v}" for k, v in sorted(case.items()) if k not in ("provider", "device", "warm")]
+    return "-".join([str(case.get("provider"))] + rest)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``case`` over the suite's timed cases (the test module's ``SUITE``)."""
+    if "case" in metafunc.fixturenames:
+        suite = metafunc.module.SUITE
+        cases = common.timed_cases(suite, bench_device(), bench_quick())
+        metafunc.parametrize("case", cases, ids=[case_id(c) for c in cases])
+
+
+def _skip_reason(module, case: dict, device: str) -> str | None:
+    unavailable = getattr(module, "unavailable", None)
+    if unavailable is not None:
+        return unavailable(case["provider"], device, bench_quick())
+    if str(case.get("provider", "")).startswith("compile"):
+        return common.compile_unavailable(device)
+    return None
+
+
+@pytest.fixture
+def measure(benchmark, request):
+    """``measure(module, case)``: build the case with ``module.setup(**case)`` and time it."""
+    device = bench_device()
+
+    def run(module, case: dict) -> None:
+        import torch
+
+        why = _skip_reason(module, case, device)
+        if why:
+            pytest.skip(why)
+        provider = str(case["provider"])
+        try:
+            fn = module.setup(**case)
+        except (common.Unavailable, ImportError) as e:
+            pytest.skip(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except RuntimeError as e:
+            if provider.startswith("sdpa"):  # this SDPA backend does not take this case here
+                pytest.skip(f"{provider}: " + (str(e).splitlines()[0][:120] if str(e) else type(e).__name__))
+            raise
+        cuda = device.startswith("cuda")
+        params = list(getattr(fn, "params", None) or [])
+
+        def round_setup() -> None:
+            for t in params:
+                t.grad = None
+            if cuda:
+                torch.cuda.synchronize()
+
+        def call() -> None:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+
+        round_setup()
+        t0 = time.perf_counter()
+        call()
+        one = max(time.perf_counter() - t0, 1e-6)
+        max_time = float(request.config.getoption("benchmark_max_time"))
+        min_rounds = int(request.config.getoption("benchmark_min_rounds"))
+        rounds = max(min_rounds, min(10_000, math.ceil(max_time / one)))
+        suite = module.__name__.rpartition(".")[2]
+        benchmark.group = f"{suite}: " + case_id({k: v for k, v in case.items() if k != "provider"}).partition("-")[2]
+        benchmark.extra_info.update(case, threads=torch.get_num_threads(),
+                                    load_1m=common.env_record(device)["load_1m"])
+        benchmark.pedantic(call, setup=round_setup, rounds=rounds, warmup_rounds=1, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable: one call, no statistics
+            return
+        data = sorted(benchmark.stats.stats.data)
+        p20, p80 = common.quantile(data, 0.2) * 1e3, common.quantile(data, 0.8) * 1e3
+        s = common.spread(p20, p80)
+        benchmark.extra_info.update(ms_p20=p20, ms_p80=p80, **s)
+        if s["noisy"]:
+            threads = torch.get_num_threads()
+            hint = "rerun with LORAFAST_BENCH_THREADS=1 or on an idle machine" if threads > 1 else \
+                "rerun on an idle machine"
+            warnings.warn(f"noisy: {request.node.name}: p80/p20 = {s['p80/p20']:.2f} > {common.NOISY_SPREAD} "
+                          f"({threads} threads, load {benchmark.extra_info['load_1m']}); {hint}", stacklevel=1)
+
+    return run
