@@ -14,6 +14,7 @@ while the case runs.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import json
@@ -129,10 +130,14 @@ def timed_cases(module: Any, device: str = "cpu", quick: bool = True) -> list[di
         return lambda: None
 
     placeholder = {"ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, **spread(1.0, 1.0)}
-    this = sys.modules[__name__]
-    with mock.patch.object(module, "setup", record), \
-            mock.patch.object(this, "time_fn", lambda *a, **k: dict(placeholder)), \
-            mock.patch.object(this, "peak_memory", lambda *a, **k: 1 << 20):
+    fakes = {"time_fn": lambda *a, **k: dict(placeholder), "peak_memory": lambda *a, **k: 1 << 20}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(module, "setup", record))
+        # this module's functions, and the suite's own names for them if it imported them by name
+        for owner in (sys.modules[__name__], module):
+            for name, fake in fakes.items():
+                if hasattr(owner, name):
+                    stack.enter_context(mock.patch.object(owner, name, fake))
         module.run(device=device, quick=quick)
     return seen
 

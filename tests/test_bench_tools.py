@@ -115,3 +115,27 @@ def test_results_readme_embeds_a_plot_of_every_record():
         png = os.path.splitext(os.path.basename(src))[0] + ".png"
         assert os.path.exists(os.path.join(RESULTS, png)), f"{png} missing: python -m lorafast.bench.plot {src}"
         assert f"]({png})" in readme, f"bench/results/README.md does not embed {png}"
+
+
+def test_timed_cases_dry_run_also_covers_names_imported_by_the_suite():
+    import types
+
+    def boom(*a, **k):
+        raise AssertionError("a dry run must not time or measure")
+
+    suite = types.ModuleType("fake_suite")
+    suite.time_fn, suite.peak_memory = boom, boom  # as after `from lorafast.bench.common import time_fn`
+    suite.setup = boom
+
+    def run(device="cpu", quick=True):
+        out = []
+        for p in ("a", "b"):
+            fn = suite.setup(provider=p, device=device, n=1 if quick else 2)
+            out.append({**suite.time_fn(fn, device), "mb": suite.peak_memory("x:setup", {}, device),
+                        "also": common.time_fn(fn, device)["ms"]})
+        return out
+
+    suite.run = run
+    assert common.timed_cases(suite, "cpu", quick=False) == [dict(provider="a", device="cpu", n=2),
+                                                            dict(provider="b", device="cpu", n=2)]
+    assert suite.setup is boom and suite.time_fn is boom  # restored
