@@ -11,8 +11,8 @@ Not collected by ``python -m pytest`` (pyproject's testpaths is ``tests``); CI d
 Options are environment variables (a conftest below the command-line arguments cannot add
 pytest flags): ``LORAFAST_BENCH_DEVICE`` (cpu or cuda; default cuda when available),
 ``LORAFAST_BENCH_FULL=1`` (the sizes of ``lorafast bench --full``), ``LORAFAST_BENCH_THREADS=N``
-(``torch.set_num_threads(N)``; the count used is printed in the header and saved with the
-machine info).
+(``torch.set_num_threads(N)``; the count used is printed after collection and in the summary,
+and saved with the machine info).
 
 Names: ``test_<suite>[<provider>-<key>=<value>-...]``, keys sorted, so two saved runs line up
 case by case in ``--benchmark-compare``; ``benchmark.group`` is the suite and the case without
@@ -22,20 +22,20 @@ puts each benchmark alone beside its saved baseline).
 Timing: ``benchmark.pedantic`` with one call per round. On CUDA the timed call ends with
 ``torch.cuda.synchronize()`` (pytest-benchmark's timer is wall-clock), and the untimed setup of
 each round synchronizes and clears the gradients, so a round is one complete call on an idle
-device. The sync adds a few microseconds per call: under 1 % at the sizes here (0.1 ms and up);
-it would not be for microsecond kernels, which would need several calls per sync. Unlike
+device. The sync adds microseconds per call: a few percent for the smallest GPU cases here
+(attention forward at T = 1024, about 0.1-0.2 ms), negligible for the millisecond ones, and too
+much for microsecond kernels, which would need several calls per sync. Unlike
 ``lorafast bench`` (``triton.testing.do_bench``), the L2 cache is not flushed between calls, so
 the figures are for comparing commits, not for quoting. Rounds: ``--benchmark-max-time`` (default
 1 s) over the time of one call, at least ``--benchmark-min-rounds`` (5). Each benchmark's
 ``extra_info`` holds the case, the thread count and its spread (p20, p80, p80/p20); a case
-whose p80/p20 exceeds 1.5 is flagged noisy with a warning.
+whose p80/p20 exceeds 1.5 is flagged noisy, and the terminal summary lists the noisy cases.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-import warnings
 
 import pytest
 
@@ -66,10 +66,40 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"LORAFAST_BENCH_THREADS: {e}") from None
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def _env_line() -> str:
     env = common.env_record(bench_device())
     return (f"lorafast bench: device={env['device']} threads={env['threads']} load_1m={env['load_1m']} "
             f"commit={env['commit']} cases={'small' if bench_quick() else 'full'}")
+
+
+# (benchmark name, p80/p20) of every timed case of this session, for the summary
+_SPREADS: list[tuple[str, float]] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # a conftest below the rootdir cannot add to the report header: print the line here instead
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_env_line())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not _SPREADS:
+        return
+    terminalreporter.write_sep("-", "lorafast bench: spread")
+    terminalreporter.write_line(_env_line())
+    noisy = [(n, r) for n, r in _SPREADS if r > common.NOISY_SPREAD]
+    if not noisy:
+        terminalreporter.write_line(f"every timed case has p80/p20 <= {common.NOISY_SPREAD}")
+        return
+    import torch
+
+    hint = "LORAFAST_BENCH_THREADS=1 or an idle machine" if torch.get_num_threads() > 1 else "an idle machine"
+    terminalreporter.write_line(f"NOISY: {len(noisy)} of {len(_SPREADS)} timed cases have p80/p20 > "
+                                f"{common.NOISY_SPREAD}; rerun them with {hint} before trusting them:", yellow=True)
+    for name, ratio in noisy:
+        terminalreporter.write_line(f"  {ratio:6.2f}  {name}")
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
@@ -155,11 +185,6 @@ def measure(benchmark, request):
         p20, p80 = common.quantile(data, 0.2) * 1e3, common.quantile(data, 0.8) * 1e3
         s = common.spread(p20, p80)
         benchmark.extra_info.update(ms_p20=p20, ms_p80=p80, **s)
-        if s["noisy"]:
-            threads = torch.get_num_threads()
-            hint = "rerun with LORAFAST_BENCH_THREADS=1 or on an idle machine" if threads > 1 else \
-                "rerun on an idle machine"
-            warnings.warn(f"noisy: {request.node.name}: p80/p20 = {s['p80/p20']:.2f} > {common.NOISY_SPREAD} "
-                          f"({threads} threads, load {benchmark.extra_info['load_1m']}); {hint}", stacklevel=1)
+        _SPREADS.append((request.node.name, s["p80/p20"]))
 
     return run
