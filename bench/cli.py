@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 SUITES = {
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown suite {unknown[0]!r}; choose from {[*SUITES, 'compile', 'all']}")
     if args.plot:
-        import importlib.util
-
         from lorafast.bench.plot import INSTALL_HINT
 
         if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the runs

@@ -14,8 +14,8 @@ pytest flags): ``LORAFAST_BENCH_DEVICE`` (cpu or cuda; default cuda when availab
 (``torch.set_num_threads(N)``; the count used is printed after collection and in the summary,
 and saved with the machine info).
 
-Names: ``test_<suite>[<provider>-<key>=<value>-...]``, keys sorted, so two saved runs line up
-case by case in ``--benchmark-compare``; ``benchmark.group`` is the suite and the case without
+Names: ``test_bench[<suite>-<provider>-<key>=<value>-...]``, keys sorted, so two saved runs line
+up case by case in ``--benchmark-compare``; ``benchmark.group`` is the suite and the case without
 the provider, so each table holds the providers of one case (``--benchmark-group-by=fullname``
 puts each benchmark alone beside its saved baseline).
 
@@ -110,18 +110,36 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["lorafast"] = {k: env[k] for k in ("device", "torch", "triton", "cuda", "threads")}
 
 
+def _keys(case: dict) -> str:
+    """``key=value-...`` of a case, keys sorted, without provider and device."""
+    return "-".join(f"{k}={v}" for k, v in sorted(case.items()) if k not in ("provider", "device", "warm"))
+
+
 def case_id(case: dict) -> str:
-    """``provider-key=value-...`` with the other keys sorted (device left out): stable names."""
-    rest = [f"{k}={v}" for k, v in sorted(case.items()) if k not in ("provider", "device", "warm")]
-    return "-".join([str(case.get("provider"))] + rest)
+    """``provider-key=value-...``: stable names, whatever order the suite builds its cases in."""
+    return f"{case.get('provider')}-{_keys(case)}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``case`` over the suite's timed cases (the test module's ``SUITE``)."""
-    if "case" in metafunc.fixturenames:
-        suite = metafunc.module.SUITE
-        cases = common.timed_cases(suite, bench_device(), bench_quick())
-        metafunc.parametrize("case", cases, ids=[case_id(c) for c in cases])
+    """Parametrize (``suite``, ``case``) over every suite of ``lorafast bench`` (discovered from
+    ``lorafast.bench.cli.SUITES``, so a new suite is benchmarked here without a new file) and its
+    timed cases; a suite that cannot be imported here gives one skipped benchmark saying why."""
+    if not {"suite", "case"} <= set(metafunc.fixturenames):
+        return
+    import importlib
+
+    from lorafast.bench.cli import SUITES
+
+    params = []
+    for name, modname in SUITES.items():
+        try:
+            module = importlib.import_module(modname)
+        except ImportError as e:
+            params.append(pytest.param(None, {}, id=name, marks=pytest.mark.skip(reason=f"{modname}: {e}")))
+            continue
+        params += [pytest.param(module, c, id=f"{name}-{case_id(c)}")
+                   for c in common.timed_cases(module, bench_device(), bench_quick())]
+    metafunc.parametrize(("suite", "case"), params)
 
 
 def _skip_reason(module, case: dict, device: str) -> str | None:
@@ -141,6 +159,8 @@ def measure(benchmark, request):
     def run(module, case: dict) -> None:
         import torch
 
+        from lorafast.bench.cli import SUITES
+
         why = _skip_reason(module, case, device)
         if why:
             pytest.skip(why)
@@ -150,7 +170,7 @@ def measure(benchmark, request):
         except (common.Unavailable, ImportError) as e:
             pytest.skip(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except RuntimeError as e:
-            if provider.startswith("sdpa"):  # this SDPA backend does not take this case here
+            if provider.startswith("sdpa_"):  # this pinned SDPA backend does not take this case here
                 pytest.skip(f"{provider}: " + (str(e).splitlines()[0][:120] if str(e) else type(e).__name__))
             raise
         cuda = device.startswith("cuda")
@@ -174,10 +194,10 @@ def measure(benchmark, request):
         max_time = float(request.config.getoption("benchmark_max_time"))
         min_rounds = int(request.config.getoption("benchmark_min_rounds"))
         rounds = max(min_rounds, min(10_000, math.ceil(max_time / one)))
-        suite = module.__name__.rpartition(".")[2]
-        benchmark.group = f"{suite}: " + case_id({k: v for k, v in case.items() if k != "provider"}).partition("-")[2]
+        suite = next((k for k, v in SUITES.items() if v == module.__name__), module.__name__)
+        benchmark.group = f"{suite}: {_keys(case)}"
         benchmark.extra_info.update(case, threads=torch.get_num_threads(),
-                                    load_1m=common.env_record(device)["load_1m"])
+                                    load_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
         benchmark.pedantic(call, setup=round_setup, rounds=rounds, warmup_rounds=1, iterations=1)
         if benchmark.stats is None:  # --benchmark-disable: one call, no statistics
             return
