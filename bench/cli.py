@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", default=None, help="append the records as JSON lines to this file")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw this run's records: per suite, time or throughput against size, one line per provider")
-    from lorafast.bench.common import THREADS_HELP, env_line, env_record, report, save, threads_action
+    from lorafast.bench.common import (THREADS_HELP, busy_note, env_line, env_record, report, save,
+                                       threads_action)
 
     p.add_argument("--threads", type=int, default=None, action=threads_action(), metavar="N", help=THREADS_HELP)
     args = p.parse_args(argv)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         suites = [*SUITES, "compile"]
     env = env_record(device)
     print(env_line(env), flush=True)
+    if busy_note(env):
+        print(busy_note(env), flush=True)
     plotted: list[dict] = []
     status = 0
     for name in suites:

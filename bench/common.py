@@ -71,6 +71,17 @@ def env_record(device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def busy_note(env: dict[str, Any]) -> str:
+    """One line when the 1-minute load average exceeds the core count, or "". The spread flag
+    misses a machine so busy that nearly every call stalls (a uniformly slow case has a small
+    p80/p20); the load catches it."""
+    load, cores = env.get("load_1m"), os.cpu_count() or 1
+    if load is None or load <= cores:
+        return ""
+    return (f"BUSY: load average {load} on {cores} cores: other work competes for the CPU, so every "
+            f"timing here may be several times too slow; compare figures only from an idle machine")
+
+
 def set_threads(n: int) -> int:
     """``torch.set_num_threads(n)`` (n >= 1); returns n. Raises ValueError for n < 1."""
     import torch
@@ -370,6 +381,8 @@ def finish(records: list[dict[str, Any]], device: str, title: str, save_to: str 
     env = env_record(device)
     report(records, f"{title} on {env['device']} (commit {env['commit']}, threads={env['threads']}, "
                     f"load {env['load_1m']})")
+    if busy_note(env):
+        print(busy_note(env), flush=True)
     if save_to:
         save(records, save_to, env)
 

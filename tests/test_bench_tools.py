@@ -40,6 +40,12 @@ def test_report_names_noisy_cases(capsys):
     capsys.readouterr()
 
 
+def test_busy_note_when_load_exceeds_cores():
+    cores = os.cpu_count() or 1
+    assert common.busy_note({"load_1m": cores + 0.5}).startswith("BUSY: load average")
+    assert common.busy_note({"load_1m": float(cores)}) == "" and common.busy_note({"load_1m": None}) == ""
+
+
 def test_env_record_has_threads():
     env = common.env_record("cpu")
     assert env["threads"] == torch.get_num_threads() and "load_1m" in env

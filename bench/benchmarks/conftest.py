@@ -68,8 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _env_line() -> str:
     env = common.env_record(bench_device())
-    return (f"lorafast bench: device={env['device']} threads={env['threads']} load_1m={env['load_1m']} "
+    line = (f"lorafast bench: device={env['device']} threads={env['threads']} load_1m={env['load_1m']} "
             f"commit={env['commit']} cases={'small' if bench_quick() else 'full'}")
+    return line + ("\n" + common.busy_note(env) if common.busy_note(env) else "")
 
 
 # (benchmark name, p80/p20) of every timed case of this session, for the summary
