@@ -247,7 +247,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_local = sum(t.numel() for t in model.local_parameters())
     print(f"lorafast: {type(model).__module__}.LoRA, {n_params:,} global + {n_local:,} local parameters "
           f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
-          f"val bytes), device {device}, {cfg.dtype}", file=sys.stderr)
+          f"val tokens), device {device}, {cfg.dtype}", file=sys.stderr)
 
     # A fresh run starts a fresh metrics file; a resumed one appends to it.
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a" if start else "w")
