@@ -51,10 +51,10 @@ class FinetuneConfig:
     preset: str | None = _f(None, "local rules while fine-tuning (default: the checkpoint's own)", choices=sorted(PRESETS))
     reference: bool = _f(False, "fine-tune the pure-PyTorch reference model instead of the accelerated one")
     # optimisation
-    steps: int = _f(300, "optimizer steps")
-    batch_size: int = _f(16, "examples per batch")
+    steps: int = _f(600, "optimizer steps")
+    batch_size: int = _f(32, "examples per batch")
     optimizer: str = _f("adamw", "optimizer", choices=["adamw", "sgd"])
-    lr: float = _f(1e-3, "peak learning rate")
+    lr: float = _f(3e-3, "peak learning rate")
     min_lr: float | None = _f(None, "final learning rate of the cosine decay (default lr / 10)")
     warmup: int = _f(30, "linear warmup steps")
     weight_decay: float = _f(0.01, "decoupled weight decay on matrices (AdamW) or L2 (SGD)")
