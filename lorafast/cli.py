@@ -1,4 +1,4 @@
-"""The ``train`` and ``generate`` commands of ``lorafast``.
+"""The ``train``, ``generate`` and ``finetune`` commands of ``lorafast``.
 
 ``lorafast train`` parses its flags straight into :class:`lorafast.train.TrainConfig` (one flag
 per field, same name with dashes), so the CLI and the importable loop cannot drift apart. The
@@ -39,21 +39,30 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lorafast.corpus import decode, encode
     from lorafast.train import load_checkpoint, resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, device, reference=args.reference)
-    if meta["model"]["vocab_size"] != 256:
-        raise ValueError("lorafast generate encodes the prompt as bytes: the checkpoint's vocabulary must be 256")
-    prompt = encode(args.prompt or "\n")[None].to(device)  # [1, P]
+    tok = model.tokenizer  # the checkpoint's own (bytes for old folders of vocabulary 256)
+    if tok is None:
+        raise ValueError(f"{args.checkpoint}: the checkpoint names no tokenizer, so the prompt cannot be encoded")
+    prompt = tok.encode(args.prompt or "\n")[None].to(device)  # [1, P]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
-    print(decode(out[0]))
+    print(tok.decode(out[0]))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from lorafast.finetune import FinetuneConfig, finetune
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorafast.finetune import FinetuneConfig
     from lorafast.train import TrainConfig
 
     p = argparse.ArgumentParser(prog="lorafast", description="Transformer LM with Local Random Initialization "
@@ -73,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--reference", action="store_true", help="load into the pure-PyTorch reference model")
     g.set_defaults(func=_generate)
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint for text classification (--data CSV/JSONL, or the "
+                       "built-in demo task)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_flags(f, FinetuneConfig)
+    f.set_defaults(func=_finetune)
     sub.add_parser("bench", help="benchmarks and the static compile report (see lorafast bench --help)",
                    add_help=False)
     return p

@@ -4,6 +4,10 @@ The built-in corpus is ``lorafast/data/stdlib.txt.gz``: 3.6 MB of CPython 3.11 s
 sources (code, comments, docstrings), 102 modules, one document each (made by
 ``tools/make_corpus.py``). Every 20th document is held out for validation, so the split is
 deterministic. A user's own text file (``--data FILE``) is split by bytes: the last 5 % validate.
+
+Tokens are bytes by default; ``load_corpus(tokenizer="bpe")`` trains a byte-level BPE on the
+training split, or a ``tokenizer.json`` is given (:mod:`lorafast.tokenizer`). The corpus keeps
+its tokenizer (``Corpus.tokenizer``) so that losses convert to bits per byte.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import gzip
 import os
 
 import torch
+
+from lorafast.tokenizer import ByteTokenizer, Tokenizer, encode_compact, make_tokenizer
 
 VOCAB_SIZE = 256
 BUILTIN = os.path.join(os.path.dirname(__file__), "data", "stdlib.txt.gz")
@@ -30,9 +36,10 @@ def decode(ids: torch.Tensor | list[int]) -> str:
 
 @dataclasses.dataclass
 class Corpus:
-    train: torch.Tensor  # uint8 [n_train]
-    val: torch.Tensor  # uint8 [n_val]
+    train: torch.Tensor  # token ids [n_train]: uint8 for bytes, int16/int32 for a BPE
+    val: torch.Tensor  # token ids [n_val]
     source: str
+    tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError unless every token id of both splits is below ``vocab_size`` (run once,
@@ -52,8 +59,11 @@ class Corpus:
         return win[:, :-1], win[:, 1:]
 
 
-def load_corpus(path: str | None = None, min_len: int = 2) -> Corpus:
-    """The built-in corpus (``path=None``) or a UTF-8 text file, split into train and validation."""
+def load_corpus(path: str | None = None, min_len: int = 2, tokenizer: str | Tokenizer = "bytes",
+                vocab_size: int = 8192) -> Corpus:
+    """The built-in corpus (``path=None``) or a UTF-8 text file, split into train and validation,
+    tokenised with ``tokenizer``: a tokenizer object, ``"bytes"``, ``"bpe"`` (a byte-level BPE of
+    ``vocab_size`` ids trained on the training split) or a ``tokenizer.json`` file."""
     if path is None:
         with gzip.open(BUILTIN, "rb") as f:
             docs = f.read().decode("utf-8").split(DOC_SEP)
@@ -69,7 +79,8 @@ def load_corpus(path: str | None = None, min_len: int = 2) -> Corpus:
         cut = int(len(text) * 0.95)
         train, val = text[:cut], text[cut:]
         source = path
-    c = Corpus(encode(train).to(torch.uint8), encode(val).to(torch.uint8), source)
+    tok = tokenizer if not isinstance(tokenizer, str) else make_tokenizer(tokenizer, vocab_size, train.split(DOC_SEP))
+    c = Corpus(encode_compact(tok, train), encode_compact(tok, val), source, tok)
     for split, data in (("train", c.train), ("validation", c.val)):
         if len(data) < min_len + 1:
             raise ValueError(f"{source}: the {split} split has {len(data)} bytes, fewer than seq_len + 1 = {min_len + 1}")

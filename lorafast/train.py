@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from lorafast.config import DEFAULT_PRESET, DTYPES, PRESETS, ModelConfig
-from lorafast.corpus import VOCAB_SIZE, Corpus, decode, encode, load_corpus
+from lorafast.corpus import VOCAB_SIZE, Corpus, load_corpus
 from lorafast.hub import atomic_write, load_model, read_config, save_model
+from lorafast.tokenizer import bits_per_byte_factor, run_tokenizer
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -63,6 +64,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of the model (global init, local draws) and of the batches")
     out: str = _f("runs/lorafast", "output folder: metrics.jsonl, checkpoint")
     data: str | None = _f(None, "train on this UTF-8 text file instead of the built-in corpus")
+    tokenizer: str = _f("bytes", "bytes, bpe (train a byte-level BPE on the training split) or a tokenizer.json file")
+    vocab_size: int = _f(8192, "vocabulary of --tokenizer bpe")
     resume: bool = _f(False, "continue the run found in --out")
     sample_tokens: int = _f(200, "tokens generated at the end")
     prompt: str = _f("def ", "prompt of the final sample")
@@ -225,9 +228,11 @@ def _resume_state(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Opt
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training loop of ``cfg``; returns a summary (losses, time, output folder)."""
     device = resolve_device(cfg.device)
-    corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len)
+    corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len, tokenizer=run_tokenizer(cfg.tokenizer, cfg.out, cfg.resume),
+                                 vocab_size=cfg.vocab_size)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = model_class(cfg.reference).from_config(cfg.model_config()).to(device)
+    model = model_class(cfg.reference).from_config(cfg.model_config(corpus.tokenizer.vocab_size)).to(device)
+    model.tokenizer = corpus.tokenizer  # saved with every checkpoint
     corpus.check_vocab(model.config.vocab_size)  # once, so that the steps need no host sync
     opt = make_optimizer(cfg, model)
     start = 0
@@ -236,6 +241,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     val_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_batches = [corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen) for _ in range(cfg.eval_batches)]
+    bpb = bits_per_byte_factor(corpus.tokenizer, [y for _, y in val_batches])  # nats/token -> bits/byte
     dtype = DTYPES[cfg.dtype]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -243,7 +249,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_local = sum(t.numel() for t in model.local_parameters())
     print(f"lorafast: {type(model).__module__}.LoRA, {n_params:,} global + {n_local:,} local parameters "
           f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
-          f"val bytes), device {device}, {cfg.dtype}", file=sys.stderr)
+          f"val tokens), device {device}, {cfg.dtype}", file=sys.stderr)
 
     # A fresh run starts a fresh metrics file; a resumed one appends to it.
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a" if start else "w")
@@ -253,7 +259,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         v0 = evaluate(model, val_batches, device, autocast)
         val_losses.append((0, v0))
         # Before any update: no training loss, learning rate or throughput yet.
-        metrics.write(json.dumps({"step": 0, "loss": None, "lr": None, "tokens_per_s": None, "val_loss": v0}) + "\n")
+        metrics.write(json.dumps({"step": 0, "loss": None, "lr": None, "tokens_per_s": None, "val_loss": v0,
+                                  "val_bpb": v0 * bpb}) + "\n")
         metrics.flush()
     try:
         from tqdm.auto import tqdm
@@ -284,6 +291,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                        "tokens_per_s": tok_log / (time.perf_counter() - t_log)}
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     rec["val_loss"] = evaluate(model, val_batches, device, autocast)
+                    rec["val_bpb"] = rec["val_loss"] * bpb
                     val_losses.append((done, rec["val_loss"]))
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -312,17 +320,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sample = ""
     if cfg.sample_tokens:
         model.redraw_local_(cfg.steps)
-        prompt = encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
+        prompt = corpus.tokenizer.encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
         out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
                              generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        sample = decode(out[0])
+        sample = corpus.tokenizer.decode(out[0])
         print(f"--- sample ---\n{sample}\n--------------")
     summary = {"steps": cfg.steps, "seconds": elapsed, "first_loss": losses[0][1] if losses else None,
                "last_loss": losses[-1][1] if losses else None, "losses": losses, "val_losses": val_losses,
-               "out": cfg.out, "sample": sample}
+               "out": cfg.out, "sample": sample, "val_bpb": [(s, v * bpb) for s, v in val_losses]}
     if val_losses and losses:
         print(f"lorafast: {cfg.steps - start} steps in {elapsed:.1f} s; train loss "
               f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; val loss "
-              f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}); "
+              f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}), "
+              f"{val_losses[-1][1] * bpb:.3f} bits per byte; "
               f"checkpoint in {cfg.out}", file=sys.stderr)
     return summary

@@ -11,8 +11,9 @@ LAYERS = [  # lowest first; a dotted prefix names every module below it
     {"lorafast.checks", "lorafast.init_laws", "lorafast.philox"},
     {"lorafast.ops"},
     {"lorafast.local", "lorafast.config"},
-    {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2"},
-    {"lorafast.corpus", "lorafast.train", "lorafast.cli", "lorafast.compile_gate"},
+    {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2", "lorafast.tokenizer",
+     "lorafast.classification"},
+    {"lorafast.corpus", "lorafast.train", "lorafast.finetune", "lorafast.cli", "lorafast.compile_gate"},
     {"lorafast.bench", "lorafast.__main__"},
 ]
 SOURCES = {"lorafast": "lorafast", "lorafast.kernels": "kernels", "lorafast.bench": "bench"}
