@@ -525,8 +525,8 @@ def test_cuda_matches_fp64(T, D, causal, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,deterministic", [(torch.float16, False), (torch.bfloat16, False),
+                                                 (torch.bfloat16, True)])
 @pytest.mark.parametrize("TQ,TK,D,causal", [(1, 1000, 64, True), (1, 513, 128, True),
                                              (100, 777, 64, True), (300, 333, 128, True),
                                              (257, 1000, 80, False), (700, 200, 96, False)])
@@ -579,12 +579,13 @@ def test_cuda_backward_deterministic_and_layouts(deterministic):
 @pytest.mark.parametrize("D", REPEAT_D)
 def test_cuda_repeatable_padded_head_dims(D, deterministic):
     """Bitwise repeatability on the GPU at the head dims where FlashAttention's Triton kernel
-    documents compiler races, ragged T (not a multiple of any tile), causal and full, TQ == TK
-    and TQ < TK, five runs each: out, dk, dv bitwise; dq bitwise with deterministic=True and to
+    documents compiler races, ragged T (not a multiple of any tile), causal with TQ < TK and full
+    with TQ == TK (two compiled variants per head dim, to keep the GPU check's compile time
+    down), five runs each: out, dk, dv bitwise; dq bitwise with deterministic=True and to
     2 ulp of bf16 (relative to max |dq|) on the default path, whose fp32 atomic adds land in a
     varying order (see _assert_repeatable)."""
     g = torch.Generator(device="cuda").manual_seed(D)
-    for B, H, TQ, TK, causal in ((2, 3, 1000, 1000, True), (1, 4, 333, 1111, True), (2, 2, 517, 517, False)):
+    for B, H, TQ, TK, causal in ((2, 4, 333, 1111, True), (2, 2, 517, 517, False)):
         q = torch.randn(B, TQ, H, D, device="cuda", generator=g).bfloat16().transpose(1, 2).requires_grad_()
         kv = torch.randn(B, TK, 2 * H * D, device="cuda", generator=g).bfloat16().requires_grad_()
         k, v = kv.view(B, TK, 2, H, D).permute(2, 0, 3, 1, 4)
