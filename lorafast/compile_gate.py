@@ -111,34 +111,114 @@ def count_ops(instrs) -> dict[str, int]:
     return {k: sum(1 for i in instrs if pred(i.op)) for k, pred in COUNTED.items()}
 
 
-def find_loops(instrs: list[Instruction]) -> list[dict]:
-    """The loops of a SASS listing, outermost first, each a dict.
+def _basic_blocks(instrs: list[Instruction]) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """Basic blocks (instruction index ranges ``[first, last + 1)``) and their successors.
 
-    A loop is found by its backward branches: a ``BRA`` (conditional or not) to an address before
-    its own closes the loop body ``[target, branch]``; several backward branches to one
-    header make one loop (its end is the last of them), overlapping bodies that do not nest are
-    merged into one, a branch to itself (the trap after the last ``EXIT``) is not a loop. Several
-    copies of one source loop (e.g. a masked diagonal iteration and an unmasked main loop) are
-    separate loops. Each dict: ``start``, ``end`` (addresses), ``depth`` (0 = outermost),
-    ``instructions`` and one count per class of ``COUNTED``, over the loop's OWN instructions
-    (those of its body outside any nested loop): what one iteration issues at most.
+    A block ends at a branch, an ``EXIT``/``RET`` or before a branch target. Edges: a ``BRA``'s
+    target, and the next block unless the block ends in an unconditional ``BRA``/``EXIT``/``RET``.
+    A ``CALL`` returns to the next instruction (its subroutine is not part of the caller's flow).
     """
-    loops = {(t, i.addr) for i in instrs if (t := i.branch_target()) is not None and t < i.addr}
-    while True:     # merge two bodies with one header, or that overlap without nesting
-        pair = next(((a, b) for a in loops for b in loops if a != b and a[0] <= b[0] <= a[1]
-                     and (a[0] == b[0] or a[1] < b[1])), None)
-        if pair is None:
-            break
-        (a, b) = pair
-        loops -= {a, b}
-        loops.add((min(a[0], b[0]), max(a[1], b[1])))
-    merged = sorted(loops, key=lambda x: (x[0], -x[1]))
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    leaders = {0}
+    for k, ins in enumerate(instrs):
+        t = ins.branch_target()
+        if t is not None and t in index:
+            leaders.add(index[t])
+        if (t is not None or ins.op.split(".")[0] in ("EXIT", "RET")) and k + 1 < len(instrs):
+            leaders.add(k + 1)
+    starts = sorted(leaders)
+    blocks = list(zip(starts, starts[1:] + [len(instrs)]))
+    block_at = {first: n for n, (first, _) in enumerate(blocks)}
+    succ: list[list[int]] = []
+    for n, (_, end) in enumerate(blocks):
+        last = instrs[end - 1]
+        base = last.op.split(".")[0]
+        t = last.branch_target()
+        conditional = (bool(last.pred) and last.pred != "@PT") or (t is not None and "," in last.args)
+        out = [block_at[index[t]]] if t is not None and t in index else []
+        if (t is None and base not in ("EXIT", "RET")) or conditional:
+            out += [n + 1] if n + 1 < len(blocks) else []
+        succ.append(out)
+    return blocks, succ
+
+
+def find_loops(instrs: list[Instruction]) -> list[dict]:
+    """The natural loops of a SASS listing, outermost first, each a dict.
+
+    Built on the control-flow graph (:func:`_basic_blocks`): an edge u -> h whose target h
+    dominates u is a back edge, and its loop is h plus every block that reaches u without
+    passing h; loops with one header are one loop. So an out-of-line block that a loop jumps to
+    and that jumps back into the middle of it (the spin-wait of a TMA barrier) belongs to that
+    loop and makes no loop of its own, and code after the kernel's last ``EXIT`` (the trap loop)
+    is unreachable. Several copies of one source loop (e.g. a masked diagonal iteration and an
+    unmasked main loop) are separate loops. Each dict: ``start``, ``end`` (lowest and highest
+    address of its blocks), ``depth`` (0 = outermost), ``blocks`` (address ranges of all its
+    blocks), ``instructions`` and one count per class of ``COUNTED`` over the loop's OWN
+    instructions (those outside any nested loop): what one iteration issues at most.
+    """
+    if not instrs:
+        return []
+    blocks, succ = _basic_blocks(instrs)
+    n = len(blocks)
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]       # reverse post-order from the entry
+    while stack:
+        node, it = stack[-1]
+        nxt = next((s for s in it if s not in seen), None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    order.reverse()
+    pred: dict[int, list[int]] = {v: [] for v in order}
+    for v in order:
+        for w in succ[v]:
+            pred[w].append(v)
+    rpo = {v: i for i, v in enumerate(order)}
+    idom = {order[0]: order[0]}                                # Cooper, Harvey and Kennedy (2001)
+    changed = True
+    while changed:
+        changed = False
+        for v in order[1:]:
+            ps = [p for p in pred[v] if p in idom]
+            new = ps[0]
+            for p in ps[1:]:
+                a, b = p, new
+                while a != b:
+                    while rpo[a] > rpo[b]:
+                        a = idom[a]
+                    while rpo[b] > rpo[a]:
+                        b = idom[b]
+                new = a
+            if idom.get(v) != new:
+                idom[v], changed = new, True
+
+    def dominates(h: int, u: int) -> bool:
+        while u != h and idom[u] != u:
+            u = idom[u]
+        return u == h
+
+    bodies: dict[int, set[int]] = {}
+    for u in order:
+        for h in succ[u]:
+            if dominates(h, u):
+                body = bodies.setdefault(h, {h})
+                work = [u]
+                while work:
+                    x = work.pop()
+                    if x not in body:
+                        body.add(x)
+                        work.extend(pred[x])
+    loops = sorted(bodies.values(), key=lambda b: (blocks[min(b)][0], -len(b)))
     out = []
-    for s, e in merged:
-        inner = [(a, b) for a, b in merged if (a, b) != (s, e) and s <= a and b <= e]
-        own = [i for i in instrs if s <= i.addr <= e and not any(a <= i.addr <= b for a, b in inner)]
-        depth = sum(1 for a, b in merged if (a, b) != (s, e) and a <= s and e <= b)
-        out.append({"start": s, "end": e, "depth": depth, "instructions": len(own), **count_ops(own)})
+    for body in loops:
+        inner = set().union(*(b for b in loops if b is not body and b < body))
+        own = [instrs[k] for x in sorted(body - inner) for k in range(*blocks[x])]
+        addrs = [(instrs[blocks[x][0]].addr, instrs[blocks[x][1] - 1].addr) for x in sorted(body)]
+        depth = sum(1 for b in loops if b is not body and body < b)
+        out.append({"start": min(a for a, _ in addrs), "end": max(e for _, e in addrs), "depth": depth,
+                    "blocks": addrs, "instructions": len(own), **count_ops(own)})
     return out
 
 
@@ -200,8 +280,8 @@ def hot_path(instrs: list[Instruction], must: tuple[str, ...] = (),
 def path_cost(instrs: list[Instruction], path: list[Instruction], iterations: int = 1) -> int:
     """Instructions issued along ``path`` (:func:`hot_path`) when each loop it enters runs
     ``iterations`` times: its instructions inside a loop body count ``iterations`` times."""
-    loops = [(lp["start"], lp["end"]) for lp in find_loops(instrs)]
-    inside = sum(1 for i in path if any(s <= i.addr <= e for s, e in loops))
+    spans = [span for lp in find_loops(instrs) for span in lp["blocks"]]
+    inside = sum(1 for i in path if any(s <= i.addr <= e for s, e in spans))
     return len(path) + (iterations - 1) * inside
 
 

@@ -27,17 +27,7 @@ ENV = {**os.environ, "TRITON_INTERPRET": "0"}
 # a failure, and the entry must go (the integrator empties these sets as the kernel branches
 # land). Counts quoted are sm_90 SASS, per loop iteration (python -m lorafast.compile_gate).
 KNOWN_FENCED_ATOMICS: dict[str, str] = {}  # linear_ce_bwd_: fixed by relaxed atomics (branch ce)
-KNOWN_EXTRA_EXP2 = {
-    # no exp2_per_iteration declared yet; SASS per iteration: fwd 34 (128x64 tile: 32 + 2
-    # rescales), d64 fwd 66, fp32 fwd 4; fix: declare the need in kernels/attention.py
-    "attn_fwd_": "attention forward: exp2_per_iteration not declared",
-    # dK/dV 64 x 64 tiles (d128, d80) on 8 warps: 32 MUFU.EX2 per iteration for a need of 16
-    # (two warpgroups compute one tile); d64 (32 x 128): 16; fix: a tile both warpgroups split,
-    # and the declaration, in kernels/attention.py (attention engineer)
-    "attn_dkdv_": "attention dK/dV: duplicated exp2 (d128, d80) and no declared need",
-    # 16 per iteration (128 x 32 tile on 8 warps: 16, no duplication); fix: declare the need
-    "attn_dq_": "attention dQ: exp2_per_iteration not declared",
-}
+KNOWN_EXTRA_EXP2: dict[str, str] = {}  # attention: declared needs and split dK/dV tiles (branch attn)
 
 
 def _known(table: dict, name: str) -> str | None:
