@@ -5,7 +5,9 @@ only on (seed, step, tensor, element) — not on the device, the launch grid, th
 a tensor is sharded — so that the reference model (this file, run on any device) and the Triton
 kernel ``lorafast.kernels.rerandomize`` produce the same numbers. This module defines them; it
 imports no triton (integer Philox: numpy uint64 for CPU tensors, ATen int64 ops elsewhere —
-two exact implementations of one function, tested equal).
+two exact implementations of one function, tested equal). CPU redraws and :func:`uniform` /
+:func:`normal` on CPU run in a C++ extension (:func:`fill_cpu_`, ``lorafast/csrc/philox_cpu.cpp``,
+built on first use), with the numpy route as its fallback: the same bits (tested).
 
 Generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11; Random123)
     Philox4x32-R: 4 x 32-bit counter, 2 x 32-bit key, R rounds (default 10, 7 allowed). One round::
@@ -56,10 +58,12 @@ Cross-device agreement: bit-exact
     ``enable_fp_fusion=False`` and uses ``tl.math.div_rn``/``tl.sqrt_rn``) and no subnormal
     intermediate (flush-to-zero cannot change them). No math library's log/cos/sin is used.
     ``torch.sqrt`` of fp32 is not correctly rounded on every CPU build (torch 2.13 CPU: 0.7% of
-    results one ulp off), hence :func:`sqrt_f32`; CPU tensors go through numpy float32
-    (:func:`box_muller_numpy`), other devices through ATen ops (:func:`box_muller`); both routes,
-    and the kernel under the Triton interpreter, are tested bit-equal. The values of normals
-    changed once, when this replaced torch.log/cos/sin (which agreed only within 4 ulps).
+    results one ulp off), hence :func:`sqrt_f32`; CPU tensors go through the C++ extension (the
+    same fp32 operations, compiled with ``-ffp-contract=off`` and no fast-math; ``std::sqrt`` of a
+    float is correctly rounded) or numpy float32 (:func:`box_muller_numpy`), other devices
+    through ATen ops (:func:`box_muller`); all routes, and the kernel under the Triton
+    interpreter, are tested bit-equal. The values of normals changed once, when this replaced
+    torch.log/cos/sin (which agreed only within 4 ulps).
 
 Speed of this path (CPU: integer Philox in numpy uint64, float maps in ATen ops kept below its
 parallel grain size, see ``chunk_groups``; Box-Muller in numpy float32): about 40-65 ms per
@@ -78,7 +82,7 @@ __all__ = [
     "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32", "chunk_groups",
     "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "philox4x32_numpy", "philox4x32_torch", "group_words",
     "element_words", "words_to_uniform", "words_to_normal", "log_f32", "sincos_2pi_f32", "sqrt_f32",
-    "box_muller", "box_muller_numpy",
+    "box_muller", "box_muller_numpy", "fill_cpu_",
     "uniform", "normal",
 ]
 
@@ -362,7 +366,7 @@ _F32 = np.float32
 
 
 def box_muller_numpy(wa: np.ndarray, wb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`box_muller` in numpy float32 (the CPU route; int64 word arrays in, fp32 out).
+    """:func:`box_muller` in numpy float32 (the CPU fallback route; int64 word arrays in, fp32 out).
 
     The same operations in the same order as :func:`log_f32`, :func:`sincos_2pi_f32` and
     :func:`box_muller`; numpy's float32 add/sub/mul/divide/sqrt are IEEE correctly rounded and
@@ -429,15 +433,53 @@ def words_to_normal(words: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.reshape(-1, 4))
 
 
+def fill_cpu_(tensors: list[torch.Tensor], key: tuple[int, int], rounds: int, codes: list[int],
+              shifts: list[float], scales: list[float], ids: list[int], offsets: list[int]) -> bool:
+    """The CPU route of a redraw: fill ``tensors`` in place with the C++ extension (one call for
+    the list, ``torch.get_num_threads()`` threads over blocks of groups; ``lorafast._cpu_ext``)
+    and return True, or return False without touching
+    them when it is switched off (``LORAFAST_CPU_EXT=0``) or cannot be built (one warning per
+    process); the caller then takes the numpy path. Same bits either way (tested).
+
+    Arguments as validated and lowered by ``lorafast.ops._rerandomize._validate``: contiguous,
+    non-overlapping fp32/fp16/bf16 CPU tensors; law codes with fp32 shifts and scales
+    (:mod:`lorafast.init_laws`); stream ids in [0, 2^32); offsets with offset + numel <= 2^62.
+    Raises RuntimeError if ``LORAFAST_CPU_EXT=1`` and the extension cannot be built.
+    """
+    from lorafast import _cpu_ext
+
+    return _cpu_ext.fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets)
+
+
+def _fill_law(code: int, offset: int, numel: int, key, stream: int, rounds: int) -> torch.Tensor | None:
+    """fp32 base draws (law ``code`` with scale 1 and shift -0.0, the identity map bit for bit) of
+    elements [offset, offset + numel) from the C++ extension, or None when it is not active."""
+    if offset < 0 or numel < 0 or offset + numel > 1 << 62:
+        raise ValueError(f"element range [{offset}, {offset + numel}) is out of [0, 2^62)")
+    if not 0 <= stream <= MASK32:
+        raise ValueError(f"stream id must be in [0, 2^32), got {stream}")
+    _check_rounds(rounds)
+    out = torch.empty(numel, dtype=torch.float32)
+    return out if fill_cpu_([out], key, rounds, [code], [-0.0], [1.0], [stream], [offset]) else None
+
+
 def uniform(offset: int, numel: int, *, key: tuple[int, int], stream: int,
             rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 uniforms in [0, 1) of elements [offset, offset + numel) of stream ``stream``."""
+    if torch.device(device).type == "cpu":
+        out = _fill_law(1, offset, numel, key, stream, rounds)          # init_laws.LAW_UNIFORM
+        if out is not None:
+            return out
     return words_to_uniform(element_words(offset, numel, key=key, stream=stream, rounds=rounds, device=device))
 
 
 def normal(offset: int, numel: int, *, key: tuple[int, int], stream: int,
            rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 standard normals of elements [offset, offset + numel) of stream ``stream``."""
+    if torch.device(device).type == "cpu":
+        out = _fill_law(2, offset, numel, key, stream, rounds)          # init_laws.LAW_NORMAL
+        if out is not None:
+            return out
     g0, g1 = offset // 4, (offset + numel + 3) // 4
     z = words_to_normal(group_words(g0, g1 - g0, key=key, stream=stream, rounds=rounds, device=device))
     return z.view(-1)[offset - 4 * g0: offset - 4 * g0 + numel]
