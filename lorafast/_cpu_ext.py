@@ -2,9 +2,11 @@
 
 The source is compiled by ``torch.utils.cpp_extension.load`` (ninja) with ``is_python_module=False``
 into a plain shared library with a C ABI; it includes no torch header, so the first build takes
-about a second (a ``TORCH_LIBRARY`` op with ``<torch/library.h>`` took 8 s and a pybind11 module
-with ``<torch/extension.h>`` 45 s on the 2-core development machine). Its OpenMP is the libgomp
-torch already loaded, so ``torch.set_num_threads`` applies.
+2-5 s (-O3, three x86-64 variants) where a ``TORCH_LIBRARY`` op with ``<torch/library.h>`` took
+8 s and a pybind11 module with ``<torch/extension.h>`` 44 s to build (trivial bodies, -O2, on the
+shared 2-core development machine). One call fills the whole tensor list with
+``torch.get_num_threads()`` threads (the caller and helper threads, dynamic schedule over blocks of
+``BLOCK_G`` groups; see ``Pool`` in the source for why not OpenMP).
 
 Where: ``<root>/lorafast_philox_cpu_<hash>/``, root = ``$LORAFAST_EXT_DIR``, else
 ``$TORCH_EXTENSIONS_DIR``, else torch's default (``~/.cache/torch_extensions``); the hash covers
