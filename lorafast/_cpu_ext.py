@@ -28,7 +28,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -42,7 +44,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "philox_cpu.cpp"
 # drop errno and FP-exception bookkeeping so that sqrt and selects vectorise (values unchanged);
 # never -ffast-math.
 CFLAGS = ["-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-LDFLAGS = ["-pthread", "-Wl,--as-needed"]
+LDFLAGS = ["-pthread"] + (["-Wl,--as-needed"] if sys.platform.startswith("linux") else [])  # no libtorch deps
 BLOCK_G = 256              # groups of 4 elements per block, the unit of work of a thread (1..1024)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -106,8 +108,6 @@ def _open(path: Path) -> ctypes.CDLL:
 
 def _build() -> ctypes.CDLL:
     """Load the built library, building it first if needed (under the directory's lock)."""
-    import time
-
     name, d = build_name(), build_dir()
     so, done = d / f"{name}.so", d / f"{name}.done"
     if done.exists() and so.exists():
@@ -154,7 +154,7 @@ def library(required: bool = False) -> ctypes.CDLL | None:
         if not _state["warned"]:
             _state["warned"] = True
             warnings.warn(f"lorafast: C++ CPU Philox extension unavailable ({_state['error']}); using the "
-                          f"numpy path, about 10x slower (set {ENV}=0 to choose it without this warning)",
+                          f"numpy path, 5-20x slower (set {ENV}=0 to choose it without this warning)",
                           RuntimeWarning, stacklevel=3)
     return _state["lib"]
 
@@ -178,7 +178,7 @@ def fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets, *, num_thre
     Arguments as validated and lowered by ``lorafast.ops._rerandomize._validate``: contiguous
     fp32/fp16/bf16 CPU tensors that do not overlap, key words (k0, k1) in [0, 2^32), law codes,
     fp32 shifts and scales, stream ids in [0, 2^32), offsets with offset + numel <= 2^62.
-    ``num_threads``: OpenMP threads (default ``torch.get_num_threads()``); ``block_g``: groups
+    ``num_threads``: threads including the caller (default ``torch.get_num_threads()``); ``block_g``: groups
     per block (1..1024). Neither changes the values. Bumps each tensor's autograd version.
     """
     lib = active()
@@ -201,8 +201,11 @@ def fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets, *, num_thre
     meta[:, 7] = _f32_bits(scales)
     threads = torch.get_num_threads() if num_threads is None else num_threads
     rc = lib.lorafast_philox_fill(meta.ctypes.data, n, key[0], key[1], rounds, threads, block_g)
+    if rc == -2:
+        raise MemoryError("lorafast_philox_fill: out of memory for the block table")
     if rc != 0:
-        raise ValueError(f"lorafast_philox_fill: bad arguments (rounds={rounds}, block_g={block_g})")
+        raise ValueError(f"lorafast_philox_fill: bad arguments (rounds={rounds}, block_g={block_g}, "
+                         f"num_threads={threads})")
     torch.autograd.graph.increment_version(list(tensors))
     return True
 

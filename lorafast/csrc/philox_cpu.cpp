@@ -308,7 +308,10 @@ struct Pool {
   void post(const std::shared_ptr<Job>& j, int helpers) {
     {
       std::lock_guard<std::mutex> lk(mu);
-      for (; threads < helpers; ++threads) std::thread([this] { worker(); }).detach();
+      try {
+        for (; threads < helpers; ++threads) std::thread([this] { worker(); }).detach();
+      } catch (...) {  // no more threads: the helpers there are (or the caller alone) do the job
+      }
       job = j;
       ++gen;
     }
@@ -329,22 +332,9 @@ Pool& pool() {
   return *p;
 }
 
-}  // namespace
-
-extern "C" {
-
-// Version of this C ABI (checked by the loader).
-int64_t lorafast_philox_abi(void) { return 1; }
-
-// Refill n_tensors tensors described by meta, an int64 [n_tensors, 8] table with rows
-// [address, numel, offset, stream id, law code, dtype code, shift fp32 bits, scale fp32 bits],
-// with the Philox4x32-rounds draw of key (k0, k1). block_g: groups of 4 elements per block (the
-// unit of work of a thread, 1..1024); num_threads: threads including the caller (>= 1).
-// Inputs are validated by the caller (lorafast.ops._rerandomize._validate); this returns 0, or
-// -1 for a bad block_g, rounds or num_threads (nothing written).
-int lorafast_philox_fill(const int64_t* meta, int64_t n_tensors, uint32_t k0, uint32_t k1, int rounds,
-                         int num_threads, int block_g) {
-  if (block_g < 1 || block_g > kMaxBlockG || rounds < 1 || num_threads < 1) return -1;
+// The job of one call: the table's non-empty tensors, their first blocks, every block FREE.
+std::shared_ptr<Job> make_job(const int64_t* meta, int64_t n_tensors, uint32_t k0, uint32_t k1, int rounds,
+                              int block_g) {
   auto j = std::make_shared<Job>();
   j->k0 = k0;
   j->k1 = k1;
@@ -372,10 +362,39 @@ int lorafast_philox_fill(const int64_t* meta, int64_t n_tensors, uint32_t k0, ui
   j->start.push_back(j->total);
   j->state.reset(new std::atomic<uint8_t>[static_cast<size_t>(j->total)]);
   for (int64_t b = 0; b < j->total; ++b) j->state[b].store(kFree, std::memory_order_relaxed);
+  return j;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Version of this C ABI (checked by the loader).
+int64_t lorafast_philox_abi(void) { return 1; }
+
+// Refill n_tensors tensors described by meta, an int64 [n_tensors, 8] table with rows
+// [address, numel, offset, stream id, law code, dtype code, shift fp32 bits, scale fp32 bits],
+// with the Philox4x32-rounds draw of key (k0, k1). block_g: groups of 4 elements per block (the
+// unit of work of a thread, 1..1024); num_threads: threads including the caller (>= 1).
+// Inputs are validated by the caller (lorafast.ops._rerandomize._validate); this returns 0, or
+// -1 for a bad block_g, rounds or num_threads, -2 when out of memory (nothing written). No C++
+// exception crosses this C boundary.
+int lorafast_philox_fill(const int64_t* meta, int64_t n_tensors, uint32_t k0, uint32_t k1, int rounds,
+                         int num_threads, int block_g) {
+  if (block_g < 1 || block_g > kMaxBlockG || rounds < 1 || num_threads < 1) return -1;
+  std::shared_ptr<Job> j;
+  try {
+    j = make_job(meta, n_tensors, k0, k1, rounds, block_g);
+  } catch (...) {
+    return -2;
+  }
   const int helpers = static_cast<int>(std::min<int64_t>(num_threads, j->total) - 1);
   if (helpers > 0) {
     j->seats.store(helpers, std::memory_order_relaxed);
-    pool().post(j, helpers);   // the mutex in post() publishes the job's contents to the helpers
+    try {
+      pool().post(j, helpers);   // the mutex in post() publishes the job's contents to the helpers
+    } catch (...) {              // no pool: the caller does the job alone
+    }
   }
   run_blocks(*j, true);
   return 0;
