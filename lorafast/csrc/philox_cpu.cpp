@@ -191,11 +191,16 @@ LF_INLINE void compute_r(const Block& b, uint32_t k0, uint32_t k1, int rounds, f
   }
 }
 
+// Rounds other than 10 and 7 (runtime loop): compiled once, for the baseline ISA.
+__attribute__((noinline)) void compute_any_rounds(const Block& b, uint32_t k0, uint32_t k1, int rounds, float* v) {
+  compute_r<0>(b, k0, k1, rounds, v);
+}
+
 LF_CLONES void compute(const Block& b, uint32_t k0, uint32_t k1, int rounds, float* v) {
   if (b.t->code == 0) return;                       // zeros: nothing to draw
   if (rounds == 10) compute_r<10>(b, k0, k1, rounds, v);
   else if (rounds == 7) compute_r<7>(b, k0, k1, rounds, v);
-  else compute_r<0>(b, k0, k1, rounds, v);
+  else compute_any_rounds(b, k0, k1, rounds, v);
 }
 
 // Write the block's elements into the tensor, rounded to its dtype (zeros for law 0).
