@@ -62,25 +62,32 @@ LF_INLINE float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
 // Philox4x32-R of counters (g mod 2^32, g >> 32, stream, 0), g = g0 + i for i in [0, n): the four
 // output words in the four rows of w (structure of arrays, so that the loop over i vectorises).
+// The words live in 64-bit lanes holding values below 2^32, so that each product is one
+// 32 x 32 -> 64-bit multiply of the low halves (x86: vpmuludq; 30% faster than 32-bit lanes,
+// which GCC widened with permutes and 64 x 64-bit multiplies).
 template <int R>
 LF_INLINE void philox_rows(uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2,
                            uint32_t* __restrict w3, uint64_t g0, int n, uint32_t stream, uint32_t k0,
                            uint32_t k1, int rounds) {
+  constexpr uint64_t kLo = 0xFFFFFFFFu;
   for (int i = 0; i < n; ++i) {
     const uint64_t g = g0 + static_cast<uint64_t>(i);
-    uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32), c2 = stream, c3 = 0;
-    uint32_t ka = k0, kb = k1;
+    uint64_t c0 = g & kLo, c1 = g >> 32, c2 = stream, c3 = 0;
+    uint64_t ka = k0, kb = k1;
     const int nr = R > 0 ? R : rounds;
     for (int r = 0; r < nr; ++r) {
-      if (r) { ka += kW0; kb += kW1; }
-      const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;   // hi0 * 2^32 + lo0 (exact)
-      const uint64_t p1 = static_cast<uint64_t>(kM1) * c2;   // hi1 * 2^32 + lo1
-      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ ka;
-      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ kb;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
+      if (r) { ka = (ka + kW0) & kLo; kb = (kb + kW1) & kLo; }
+      const uint64_t p0 = (c0 & kLo) * kM0;   // hi0 * 2^32 + lo0 (exact)
+      const uint64_t p1 = (c2 & kLo) * kM1;   // hi1 * 2^32 + lo1
+      c0 = (p1 >> 32) ^ c1 ^ ka;
+      c2 = (p0 >> 32) ^ c3 ^ kb;
+      c1 = p1 & kLo;
+      c3 = p0 & kLo;
     }
-    w0[i] = c0; w1[i] = c1; w2[i] = c2; w3[i] = c3;
+    w0[i] = static_cast<uint32_t>(c0);
+    w1[i] = static_cast<uint32_t>(c1);
+    w2[i] = static_cast<uint32_t>(c2);
+    w3[i] = static_cast<uint32_t>(c3);
   }
 }
 
