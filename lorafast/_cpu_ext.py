@@ -50,12 +50,12 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "error": None, "warned": False, "build_s": None}
-_override: list[str] = []
+_local = threading.local()          # .off: depth of disabled() blocks in this thread
 
 
 def mode() -> str:
-    """"0", "1" or "auto": the forced mode of :func:`disabled`, else ``$LORAFAST_CPU_EXT``."""
-    m = _override[-1] if _override else os.environ.get(ENV, "auto").strip().lower() or "auto"
+    """"0", "1" or "auto": "0" inside :func:`disabled` (this thread), else ``$LORAFAST_CPU_EXT``."""
+    m = "0" if getattr(_local, "off", 0) else os.environ.get(ENV, "auto").strip().lower() or "auto"
     if m not in ("0", "1", "auto"):
         raise ValueError(f"{ENV} must be 0, 1 or auto, got {m!r}")
     return m
@@ -63,12 +63,12 @@ def mode() -> str:
 
 @contextlib.contextmanager
 def disabled():
-    """Within the block, CPU redraws take the numpy path (as ``LORAFAST_CPU_EXT=0``)."""
-    _override.append("0")
+    """Within the block, this thread's CPU redraws take the numpy path (as ``LORAFAST_CPU_EXT=0``)."""
+    _local.off = getattr(_local, "off", 0) + 1
     try:
         yield
     finally:
-        _override.pop()
+        _local.off -= 1
 
 
 def _compiler() -> str:
