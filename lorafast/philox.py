@@ -453,12 +453,11 @@ def fill_cpu_(tensors: list[torch.Tensor], key: tuple[int, int], rounds: int, co
 
 def _fill_law(code: int, offset: int, numel: int, key, stream: int, rounds: int) -> torch.Tensor | None:
     """fp32 base draws (law ``code`` with scale 1 and shift -0.0, the identity map bit for bit) of
-    elements [offset, offset + numel) from the C++ extension, or None when it is not active."""
-    if offset < 0 or numel < 0 or offset + numel > 1 << 62:
-        raise ValueError(f"element range [{offset}, {offset + numel}) is out of [0, 2^62)")
-    if not 0 <= stream <= MASK32:
-        raise ValueError(f"stream id must be in [0, 2^32), got {stream}")
-    _check_rounds(rounds)
+    elements [offset, offset + numel) from the C++ extension, or None when it is not active or
+    the arguments are outside its range (the numpy route then draws them or raises)."""
+    if not (0 <= offset and 0 <= numel and offset + numel <= 1 << 62 and 0 <= stream <= MASK32
+            and not isinstance(rounds, bool) and isinstance(rounds, int) and rounds >= 1):
+        return None
     out = torch.empty(numel, dtype=torch.float32)
     return out if fill_cpu_([out], key, rounds, [code], [-0.0], [1.0], [stream], [offset]) else None
 
