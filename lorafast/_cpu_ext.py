@@ -4,9 +4,9 @@ The source is compiled by ``torch.utils.cpp_extension.load`` (ninja) with ``is_p
 into a plain shared library with a C ABI; it includes no torch header, so the first build takes
 2-5 s (-O3, three x86-64 variants) where a ``TORCH_LIBRARY`` op with ``<torch/library.h>`` took
 8 s and a pybind11 module with ``<torch/extension.h>`` 44 s to build (trivial bodies, -O2, on the
-shared 2-core development machine). One call fills the whole tensor list with
-``torch.get_num_threads()`` threads (the caller and helper threads, dynamic schedule over blocks of
-``BLOCK_G`` groups; see ``Pool`` in the source for why not OpenMP).
+shared 2-core development machine). One call fills the whole tensor list with up to
+``torch.get_num_threads()`` threads, one per ``GRAIN`` elements (the caller and helper threads,
+dynamic schedule over blocks of ``BLOCK_G`` groups; see ``Pool`` in the source for why not OpenMP).
 
 Where: ``<root>/lorafast_philox_cpu_<hash>/``, root = ``$LORAFAST_EXT_DIR``, else
 ``$TORCH_EXTENSIONS_DIR``, else torch's default (``~/.cache/torch_extensions``); the hash covers
@@ -46,6 +46,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "philox_cpu.cpp"
 CFLAGS = ["-O3", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 LDFLAGS = ["-pthread"] + (["-Wl,--as-needed"] if sys.platform.startswith("linux") else [])  # no libtorch deps
 BLOCK_G = 256              # groups of 4 elements per block, the unit of work of a thread (1..1024)
+# Elements per thread below which no helper is woken (as ATen's GRAIN_SIZE): about 50-100 us of
+# work, more than a helper's wake-up costs on an idle machine.
+GRAIN = 1 << 16
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lock = threading.Lock()
@@ -178,8 +181,9 @@ def fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets, *, num_thre
     Arguments as validated and lowered by ``lorafast.ops._rerandomize._validate``: contiguous
     fp32/fp16/bf16 CPU tensors that do not overlap, key words (k0, k1) in [0, 2^32), law codes,
     fp32 shifts and scales, stream ids in [0, 2^32), offsets with offset + numel <= 2^62.
-    ``num_threads``: threads including the caller (default ``torch.get_num_threads()``); ``block_g``: groups
-    per block (1..1024). Neither changes the values. Bumps each tensor's autograd version.
+    ``num_threads``: threads including the caller (default: ``torch.get_num_threads()``, but at
+    most one per ``GRAIN`` elements); ``block_g``: groups per block (1..1024). Neither changes the
+    values. Bumps each tensor's autograd version.
     """
     lib = active()
     if lib is None:
@@ -199,7 +203,10 @@ def fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets, *, num_thre
     meta[:, 5] = [DTYPE_CODE[t.dtype] for t in tensors]
     meta[:, 6] = _f32_bits(shifts)
     meta[:, 7] = _f32_bits(scales)
-    threads = torch.get_num_threads() if num_threads is None else num_threads
+    if num_threads is None:
+        threads = max(1, min(torch.get_num_threads(), int(meta[:, 1].sum()) // GRAIN))
+    else:
+        threads = num_threads
     rc = lib.lorafast_philox_fill(meta.ctypes.data, n, key[0], key[1], rounds, threads, block_g)
     if rc == -2:
         raise MemoryError("lorafast_philox_fill: out of memory for the block table")

@@ -436,7 +436,7 @@ def words_to_normal(words: torch.Tensor) -> torch.Tensor:
 def fill_cpu_(tensors: list[torch.Tensor], key: tuple[int, int], rounds: int, codes: list[int],
               shifts: list[float], scales: list[float], ids: list[int], offsets: list[int]) -> bool:
     """The CPU route of a redraw: fill ``tensors`` in place with the C++ extension (one call for
-    the list, ``torch.get_num_threads()`` threads over blocks of groups; ``lorafast._cpu_ext``)
+    the list, up to ``torch.get_num_threads()`` threads over blocks of groups; ``lorafast._cpu_ext``)
     and return True, or return False without touching
     them when it is switched off (``LORAFAST_CPU_EXT=0``) or cannot be built (one warning per
     process); the caller then takes the numpy path. Same bits either way (tested).
