@@ -437,9 +437,9 @@ def fill_cpu_(tensors: list[torch.Tensor], key: tuple[int, int], rounds: int, co
               shifts: list[float], scales: list[float], ids: list[int], offsets: list[int]) -> bool:
     """The CPU route of a redraw: fill ``tensors`` in place with the C++ extension (one call for
     the list, up to ``torch.get_num_threads()`` threads over blocks of groups; ``lorafast._cpu_ext``)
-    and return True, or return False without touching
-    them when it is switched off (``LORAFAST_CPU_EXT=0``) or cannot be built (one warning per
-    process); the caller then takes the numpy path. Same bits either way (tested).
+    and return True, or return False without touching them when it is switched off
+    (``LORAFAST_CPU_EXT=0``) or cannot be built (one warning per process); the caller then takes
+    the numpy path. Same bits either way (tested).
 
     Arguments as validated and lowered by ``lorafast.ops._rerandomize._validate``: contiguous,
     non-overlapping fp32/fp16/bf16 CPU tensors; law codes with fp32 shifts and scales
