@@ -65,11 +65,21 @@ Cross-device agreement: bit-exact
     interpreter, are tested bit-equal. The values of normals changed once, when this replaced
     torch.log/cos/sin (which agreed only within 4 ulps).
 
-Speed of this path (CPU: integer Philox in numpy uint64, float maps in ATen ops kept below its
-parallel grain size, see ``chunk_groups``; Box-Muller in numpy float32): about 40-65 ms per
-million uniforms, about 65 ms per million normals (Box-Muller 39 ms of it; 56 and 30 ms when it
-used torch.log/cos/sin), 240 ms for the 3.5M elements of two 768x2304 kaiming matrices and six
-biases, measured on a shared, busy 2-core machine. The Triton kernel is the fast path.
+Speed on CPU (``python -m lorafast.bench.rerandomize --device cpu``, case ``large``: 2^20 fp32
+elements; provider ``lorafast`` = the C++ extension, ``numpy`` = the numpy route, ``torch_init`` =
+``torch.nn.init.uniform_`` / ``normal_``; median [p20, p80] in ms, 3 runs each on the shared
+2-core development machine at load average 11-12, so every median is inflated):
+    1 thread (``OMP_NUM_THREADS=1``): uniform 1.1-1.3 [0.75-0.92, 9] vs torch.nn.init 11 [3.1-9.3,
+    15] vs numpy 53-71; normal 1.8-2.0 [1.5-1.7, 10-14] vs 12-16 [11.7, 16] vs 141-157.
+    2 threads (default): uniform 0.9-4.0 [0.8-1.6, 8-9], normal 4-8 [1.7-1.8, 12] (a helper
+    woken on a busy machine can cost the caller its core), against the same torch.nn.init times.
+So the extension takes 0.1-0.5x the time of torch.nn.init and is 19-86x faster than the numpy
+route. In CPU time of the calling thread (``time.thread_time``, which the load barely changes; 1
+thread, 3 runs of 60): uniform 1.5-1.8 ms vs torch.nn.init 3.2-5.4 vs numpy 19-29; normal
+1.95-2.4 vs 3.8-5.3 vs 45-71. At load ~3, before its Philox used 64-bit lanes: 1.7 / 2.2 ms against torch.nn.init's
+3.1 / 3.7 ms and numpy's 15 / 43 ms. The numpy route alone (integer Philox in numpy uint64, float
+maps in ATen ops kept below its parallel grain size, see ``chunk_groups``; Box-Muller in numpy
+float32) is the fallback; the Triton kernel is the GPU path.
 """
 from __future__ import annotations
 
