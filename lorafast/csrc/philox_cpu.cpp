@@ -34,7 +34,7 @@
 // One build serves every x86-64 CPU: the hot functions are compiled for AVX-512, AVX2 and the
 // x86-64 baseline, and the loader picks the best for the running CPU (GCC target_clones, ifunc).
 // All three give the same bits (IEEE operations lane by lane; checked on 2^20-element draws of
-// every law and dtype). CPU time of 2^20 fp32 draws on 1 thread (AMD EPYC, Zen 4): uniform 1.1 /
+// every law and dtype). CPU time of 2^20 fp32 draws on 1 thread (AMD EPYC with AVX-512): uniform 1.1 /
 // 2.5 / 3.0 ms, normal 1.5 / 3.2 / 5.0 ms.
 #define LF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
