@@ -67,19 +67,19 @@ Cross-device agreement: bit-exact
 
 Speed on CPU (``python -m lorafast.bench.rerandomize --device cpu``, case ``large``: 2^20 fp32
 elements; provider ``lorafast`` = the C++ extension, ``numpy`` = the numpy route, ``torch_init`` =
-``torch.nn.init.uniform_`` / ``normal_``; median [p20, p80] in ms, 3 runs each on the shared
-2-core development machine at load average 11-12, so every median is inflated):
-    1 thread (``OMP_NUM_THREADS=1``): uniform 1.1-1.3 [0.75-0.92, 9] vs torch.nn.init 11 [3.1-9.3,
-    15] vs numpy 53-71; normal 1.8-2.0 [1.5-1.7, 10-14] vs 12-16 [11.7, 16] vs 141-157.
-    2 threads (default): uniform 0.9-4.0 [0.8-1.6, 8-9], normal 4-8 [1.7-1.8, 12] (a helper
-    woken on a busy machine can cost the caller its core), against the same torch.nn.init times.
-So the extension takes 0.1-0.5x the time of torch.nn.init and is 19-86x faster than the numpy
-route. In CPU time of the calling thread (``time.thread_time``, which the load barely changes; 1
-thread, 3 runs of 60): uniform 1.5-1.8 ms vs torch.nn.init 3.2-5.4 vs numpy 19-29; normal
-1.95-2.4 vs 3.8-5.3 vs 45-71. At load ~3, before its Philox used 64-bit lanes: 1.7 / 2.2 ms against torch.nn.init's
-3.1 / 3.7 ms and numpy's 15 / 43 ms. The numpy route alone (integer Philox in numpy uint64, float
-maps in ATen ops kept below its parallel grain size, see ``chunk_groups``; Box-Muller in numpy
-float32) is the fallback; the Triton kernel is the GPU path.
+``torch.nn.init.uniform_`` / ``normal_``; median [p20, p80] in ms over 2 runs on the shared 2-core
+development machine at load average 4.2-4.5):
+    2 threads (default): uniform 0.84-0.92 [0.76-0.79, 1.2-1.3] vs torch.nn.init 3.1 [3.0, 7.1]
+    vs numpy 23; normal 1.35-1.8 [1.3-1.4, 1.7-5.7] vs 3.7-5.4 [3.6-3.7, 7.7] vs 54-55.
+    1 thread (``OMP_NUM_THREADS=1``): uniform 0.77-0.83 [0.73-0.76, 0.85-1.2] vs 3.0-3.1 vs
+    14-22; normal 1.25-1.5 [1.2-1.25, 1.3-1.8] vs 3.6-3.7 vs 33-52.
+So the extension takes 0.26-0.49x the time of torch.nn.init and is 18-41x faster than the numpy
+route. At load average 11-12 (3 runs each) every median is inflated, the ratios hold: 1 thread
+0.10-0.17x torch.nn.init and 45-86x faster than numpy; 2 threads 0.08-0.50x and 19-83x (a helper
+woken on a busy machine can cost the caller its core: 2-thread medians 0.9-8 ms there). The
+numpy route (integer Philox in numpy uint64, float maps in ATen ops kept below its parallel grain
+size, see ``chunk_groups``; Box-Muller in numpy float32) is the fallback; the Triton kernel is
+the GPU path.
 """
 from __future__ import annotations
 
