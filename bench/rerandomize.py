@@ -9,7 +9,8 @@ Cases
               CPU: 2^20, --full 2^22), normal or uniform law.
 Providers
   lorafast    ``lorafast.ops._rerandomize.rerandomize_`` with impl="auto" (the one-launch Triton
-              kernel on CUDA; the PyTorch Philox path on CPU); ``lorafast_r7``: 7 Philox rounds.
+              kernel on CUDA; the C++ extension on CPU); ``lorafast_r7``: 7 Philox rounds.
+  numpy       (CPU) the same draw on the numpy path (``LORAFAST_CPU_EXT=0``), the extension's fallback.
   torch_init  a Python loop of ``torch.nn.init.kaiming_uniform_`` / ``normal_`` / ``uniform_`` per
               tensor (the launch-per-tensor baseline; draws are not reproducible across GPUs).
   copy        a device-to-device ``copy_`` of one flat buffer holding the same number of bytes.
@@ -26,6 +27,7 @@ each law's hot path) is in ``python -m lorafast.compile_gate --filter rerandomiz
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -81,14 +83,17 @@ def setup(case: str = "gpt2_local", provider: str = "lorafast", dtype: str = "fl
         dst = torch.empty_like(src)
         return lambda: dst.copy_(src)
     laws = {"normal": Normal(0.0, 0.02), "kaiming": KaimingUniform(), "uniform": Uniform(-0.1, 0.1)}
-    if provider in ("lorafast", "lorafast_r7"):
+    if provider in ("lorafast", "lorafast_r7", "numpy"):
+        from lorafast import _cpu_ext
+
         inits = [laws[name] for _, name in spec]
         rounds = 7 if provider == "lorafast_r7" else 10
         state = {"step": 0}
 
         def fill():
             state["step"] += 1
-            rerandomize_(tensors, seed=0, step=state["step"], init=inits, rounds=rounds)
+            with _cpu_ext.disabled() if provider == "numpy" else contextlib.nullcontext():
+                rerandomize_(tensors, seed=0, step=state["step"], init=inits, rounds=rounds)
 
         if warm:
             fill()  # compile the kernel / build the cached metadata table outside the measured runs
@@ -125,7 +130,7 @@ def _cases(device: str, quick: bool) -> list[dict]:
 def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     """Time of each provider per case, GB/s, ratio to the copy and speed-up over the init loop."""
     cuda = device.startswith("cuda")
-    providers = ["lorafast", "lorafast_r7", "torch_init", "copy"] if cuda else ["lorafast", "torch_init", "copy"]
+    providers = ["lorafast", "lorafast_r7", "torch_init", "copy"] if cuda else ["lorafast", "numpy", "torch_init", "copy"]
     records: list[dict] = []
     for case in _cases(device, quick):
         spec = _case(case["case"], device, case.get("n_layer", 12), case.get("d", 768), case.get("numel", 0),
@@ -147,6 +152,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
             del fn
         copy = next(r for r in group if r["provider"] == "copy")
         init = next(r for r in group if r["provider"] == "torch_init")
+        numpy_ = next((r for r in group if r["provider"] == "numpy"), None)
         for r in group:
             if r["provider"].startswith("lorafast"):
                 r["vs_copy"] = r["GB/s"] / copy["GB/s"]
@@ -154,6 +160,8 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
                 if (case["case"] == "large" and case["numel"] == GOAL_NUMEL and case["dtype"] == "float32"
                         and r["provider"] == "lorafast"):
                     r["goal_vs_copy"] = GOAL_VS_COPY[case["law"]]
+                if numpy_:
+                    r["speedup_vs_numpy"] = numpy_["ms"] / r["ms"]
         records += group
     return records
 
