@@ -2,7 +2,9 @@
 
 Providers (q, k, v are views of one fused qkv tensor [B, T, 3*H*D], as in the model):
   lorafast        ``lorafast.ops._attention.attention`` (impl="auto": Triton on CUDA; on CPU the
-                  torch path, or the Triton interpreter when TRITON_INTERPRET=1)
+                  torch path, or the Triton interpreter when TRITON_INTERPRET=1); the backward
+                  is the one-launch kernel with atomic dQ
+  lorafast_det    the same with ``deterministic=True`` (separate dK/dV and dQ kernels; CUDA)
   sdpa_flash, sdpa_cudnn, sdpa_efficient, sdpa_math
                   ``F.scaled_dot_product_attention`` pinned to one backend (CUDA, each if it runs)
   sdpa            ``F.scaled_dot_product_attention`` with its default choice (CPU)
@@ -10,17 +12,26 @@ Providers (q, k, v are views of one fused qkv tensor [B, T, 3*H*D], as in the mo
 
 Modes: fwd, bwd (backward of a stored forward graph), fwd_bwd. FLOPs: 4*B*H*T^2*D for the
 forward, halved when causal; backward 2.5x the forward; fwd_bwd 3.5x (the convention of
-flash-attention's and Triton's benchmarks). Peak memory: ``common.peak_memory`` (CUDA allocator
-above the inputs; CPU: RSS growth of a fresh subprocess).
-``python -m lorafast.bench.attention [--full] [--device cuda] [--save FILE]``.
+flash-attention's and Triton's benchmarks). Bytes: the compulsory HBM traffic, every input read
+once and every output written once (forward: q, k, v in, o out, the fp32 lse; backward: q, k,
+v, o, dO and lse in, dq, dk, dv out), so ``frac_peak_bw`` is a lower bound on the real traffic.
+Every timed record carries ``common.roofline`` fields: flops, bytes, TFLOP/s, GB/s and, on CUDA,
+``frac_peak_flops`` / ``frac_peak_bw`` of the H200 (790 TFLOP/s bf16 dense, 4.8 TB/s).
+Peak memory: ``common.peak_memory`` (CUDA allocator above the inputs; CPU: RSS growth of a fresh
+subprocess). ``python -m lorafast.bench.attention [--full] [--device cuda] [--save FILE]``.
 
-``--tune`` (CUDA) times each kernel of ``lorafast.kernels.attention`` over candidate tiles
-(launchers driven directly, other kernels at their shipped tiles) and prints the fastest per
-kernel, to re-tune ``_GPU_TILES``; candidates must then still pass the compile gate.
+``--tune`` (CUDA) times each kernel of ``lorafast.kernels.attention`` over
+``tile_candidates`` (launchers driven directly, other kernels at their shipped tiles) and marks
+the fastest per kernel, to re-tune ``_GPU_TILES``; candidates must then still pass the compile
+gate. ``--sass`` (no GPU) compiles every shipped attention configuration for sm_90 / sm_80 and
+counts, per main loop of the SASS, the instructions the issues track (HGMMA/HMMA, MUFU.EX2
+against ``exp2_per_iteration``, MEMBAR by scope, atomics, CTA barriers, LDGSTS, UTMALDG, mbarrier
+waits): the figures quoted in the kernel commits.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -40,12 +51,22 @@ def flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
     return f * _FLOP_FACTOR[mode]
 
 
+def bytes_moved(B: int, H: int, T: int, D: int, dtype: str, mode: str) -> float:
+    """Compulsory HBM bytes of one call: each input read once, each output written once."""
+    rows = B * H * T
+    tile = rows * D * _DTYPES[dtype].itemsize   # one [B, H, T, D] tensor
+    fwd = 4 * tile + 4 * rows                   # q, k, v -> o; lse fp32
+    bwd = 8 * tile + 4 * rows                   # q, k, v, o, dO, lse -> dq, dk, dv
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+
 def _attn_fn(provider: str, causal: bool) -> tuple[Callable, Callable[[], Any]]:
     """(attention function of q, k, v; context manager factory to run it under)."""
-    if provider == "lorafast":
+    if provider in ("lorafast", "lorafast_det"):
         from lorafast.ops._attention import attention
 
-        return (lambda q, k, v: attention(q, k, v, causal=causal)), contextlib.nullcontext
+        det = provider == "lorafast_det"
+        return (lambda q, k, v: attention(q, k, v, causal=causal, deterministic=det)), contextlib.nullcontext
     if provider == "sdpa":
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), contextlib.nullcontext
     if provider in _SDPA_BACKENDS:
@@ -103,7 +124,7 @@ def setup(B: int, H: int, T: int, D: int, causal: bool = True, dtype: str = "bfl
 
 def _providers(device: str, causal: bool) -> list[str]:
     if device.startswith("cuda"):
-        out = ["lorafast", *_SDPA_BACKENDS]
+        out = ["lorafast", "lorafast_det", *_SDPA_BACKENDS]
     else:
         out = ["lorafast", "sdpa"]
     return out + (["reference"] if causal else [])
@@ -140,7 +161,8 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
                     continue
                 t = common.time_fn(fn, device, grad_to_none=getattr(fn, "params", None))
                 rec.update(t)
-                rec["TFLOP/s"] = flops(B, H, T, D, causal, mode) / t["ms"] / 1e9
+                rec.update(common.roofline(flops(B, H, T, D, causal, mode),
+                                           bytes_moved(B, H, T, D, dtype, mode), t["ms"], device))
                 del fn
                 if mode == "fwd_bwd":
                     try:
@@ -152,7 +174,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
                     torch.cuda.empty_cache()
     # the issue's goal: lorafast fwd_bwd >= 1.0x sdpa_cudnn and >= 1.3x sdpa_flash
     for r in records:
-        if r["provider"] != "lorafast" or "ms" not in r:
+        if r["provider"] not in ("lorafast", "lorafast_det") or "ms" not in r:
             continue
         for other in ("sdpa_cudnn", "sdpa_flash", "sdpa"):
             o = [x for x in records if x["provider"] == other and "ms" in x and all(
@@ -162,27 +184,12 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     return records
 
 
-def _tile_candidates(kind: str) -> list:
-    from lorafast.kernels.attention import Tile
-
-    out = []
-    for bm in (32, 64, 128):
-        for bn in (32, 64, 128):
-            if kind in ("fwd", "dq") and bm % bn:
-                continue
-            if kind == "dkdv" and bn % bm:
-                continue
-            for w in (4, 8):
-                for st in (2, 3):
-                    out.append(Tile(bm, bn, w, st))
-    return out
-
-
 def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 128,
          causal: bool = True, dtype: str = "bfloat16") -> list[dict]:
-    """Time every candidate tile of each kernel on one shape; one record per (kernel, tile)."""
-    import dataclasses
-
+    """Time every candidate tile of each kernel on one shape; one record per (kernel, tile),
+    with roofline fields (FLOPs of the kernel's share: fwd 1x, dkdv 4/5 and dq 3/5 of the
+    backward's 2.5x) and ``best`` on the fastest per kernel. The Hopper TMA tiles are timed
+    when the inputs allow them (they do here: views of one qkv tensor)."""
     from lorafast.kernels import attention as ka
 
     dt = _DTYPES[dtype]
@@ -191,25 +198,35 @@ def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 
     do = torch.randn(B, T, H, D, device=device, dtype=dt).transpose(1, 2)
     out = torch.empty_like(do)
     lse = torch.empty(B, H, T, device=device, dtype=torch.float32)
-    grads = [torch.empty_like(do) for _ in range(3)]
+    dq, dk, dv = (torch.empty_like(do) for _ in range(3))
     scale = D ** -0.5
     shipped = ka.pick_tiles(D, dt, torch.device(device))
+    tma = ka.tma_compatible(q, k, v, out, do)
     ka.attention_forward(q, k, v, out, lse, causal=causal, scale=scale, tiles=shipped)
+    f_fwd = flops(B, H, T, D, causal, "fwd")
+    kinds = {"fwd": (shipped.fwd_tma if tma and shipped.fwd_tma else shipped.fwd, f_fwd),
+             "bwd": (shipped.bwd_tma if tma and shipped.bwd_tma else shipped.bwd, 2.5 * f_fwd),
+             "dkdv": (shipped.dkdv, 2.0 * f_fwd), "dq": (shipped.dq, 1.5 * f_fwd)}
     records = []
-    for kind in ("fwd", "dkdv", "dq"):
-        for tile in _tile_candidates(kind):
-            tiles = dataclasses.replace(shipped, **{kind: tile})
+    for kind, (base, kflops) in kinds.items():
+        for tile in ka.tile_candidates(kind, base):
+            field = {"fwd": "fwd_tma" if tile.tma else "fwd", "bwd": "bwd_tma" if tile.tma else "bwd"}.get(kind, kind)
+            tiles = dataclasses.replace(shipped, **{field: tile})
             if kind == "fwd":
                 fn = lambda: ka.attention_forward(q, k, v, out, lse, causal=causal, scale=scale,  # noqa: E731
                                                   tiles=tiles)
             else:
-                dq, dk, dv = (grads[0], None, None) if kind == "dq" else (None, grads[1], grads[2])
-                fn = lambda: ka.attention_backward(do, q, k, v, out, lse, dq, dk, dv,  # noqa: E731
+                grads = {"bwd": (dq, dk, dv), "dkdv": (None, dk, dv), "dq": (dq, None, None)}[kind]
+                fn = lambda: ka.attention_backward(do, q, k, v, out, lse, *grads,  # noqa: E731
                                                    causal=causal, scale=scale, tiles=tiles)
-            rec = {"kernel": kind, "tile": f"{tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}",
-                   "shipped": tile == getattr(shipped, kind)}
+            rec = {"kernel": kind, "tile": f"{tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages}"
+                                          f"{' tma' if tile.tma else ''}{' ws' if tile.warp_specialize else ''}",
+                   "shipped": tile == base}
             try:
-                rec.update(common.time_fn(fn, device))
+                t = common.time_fn(fn, device)
+                rec.update(t)
+                rec.update(common.roofline(kflops, bytes_moved(B, H, T, D, dtype, "fwd" if kind == "fwd" else "bwd"),
+                                           t["ms"], device))
             except Exception as e:  # noqa: BLE001 - out of shared memory / registers: skip
                 rec["error"] = type(e).__name__
             records.append(rec)
@@ -220,12 +237,89 @@ def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 
     return records
 
 
+# Per-loop SASS counts (static: compiled on CPU with triton's bundled tools, no GPU)
+SASS_PATTERNS = {
+    "HGMMA": r"\bHGMMA\.", "HMMA": r"\bHMMA\.", "MUFU.EX2": r"\bMUFU\.EX2\b",
+    "MEMBAR.CTA": r"\bMEMBAR\.\w+\.CTA\b", "MEMBAR.GPU": r"\bMEMBAR\.(?:\w+\.)?(?:GPU|SYS)\b",
+    "ATOM/RED": r"\b(?:ATOMG?|REDG?|ATOMS)\.", "BAR.SYNC": r"\bBAR\.SYNC", "LDGSTS": r"\bLDGSTS\b",
+    "UTMALDG": r"\bUTMALDG\b", "SYNCS": r"\bSYNCS\.", "USETMAXREG": r"\bUSETMAXREG\b",
+}
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Counts of ``SASS_PATTERNS`` in each innermost loop of a ``cuobjdump -sass`` listing (a
+    loop: the span from a backward branch's target to the branch), skipping loops without an
+    MMA, an exp2 or a TMA load (the mbarrier spin loops of warp-specialised kernels)."""
+    import re
+
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)`|0x([0-9a-f]+))", text)
+        if m and m.group(1) and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    out = []
+    for lo, hi in inner:
+        seg = [t for a, t in ins if lo <= a <= hi]
+        c = {k: sum(bool(re.search(p, t)) for t in seg) for k, p in SASS_PATTERNS.items()}
+        if c["HGMMA"] or c["HMMA"] or c["MUFU.EX2"] or c["UTMALDG"]:
+            out.append(c)
+    return out
+
+
+def sass_report(archs: tuple[int, ...] = (90, 80), name_filter: str = "") -> list[dict]:
+    """One record per (shipped attention config, arch, main loop): the loop's SASS counts, the
+    exp2 the tile needs per thread and iteration, registers and spills."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lorafast.compile_gate import _tool
+    from lorafast.kernels import attention as ka
+
+    records = []
+    for cfg in ka.compile_configs():
+        if name_filter not in cfg.name:
+            continue
+        for arch in cfg.archs:
+            if arch not in archs:
+                continue
+            names = list(cfg.fn.arg_names)
+            attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned}
+            src = ASTSource(cfg.fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs), attrs=attrs)
+            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **cfg.options})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "k.cubin")
+                with open(path, "wb") as f:
+                    f.write(kern.asm["cubin"])
+                sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                                      check=True).stdout
+                usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
+                                       text=True, check=True).stdout
+            regs, stack = (int(x) for x in re.search(r"REG:(\d+)\s+STACK:(\d+)", usage).groups())
+            for i, c in enumerate(sass_loops(sass)):
+                records.append({"config": cfg.name, "sm": arch, "loop": i, "regs": regs, "stack": stack,
+                                "exp2_needed": cfg.exp2_per_iteration, **c})
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     p = common.suite_parser("attention", __doc__, "all sequence lengths and head dims")
     p.add_argument("--tune", action="store_true", help="time candidate tiles per kernel (CUDA)")
     p.add_argument("--D", type=int, default=128, help="head dim for --tune")
+    p.add_argument("--sass", action="store_true", help="per-loop SASS counts of the shipped configs (no GPU)")
+    p.add_argument("--filter", default="", help="--sass: only configs whose name contains this")
     args = p.parse_args(argv)
-    if args.tune:
+    if args.sass:
+        common.finish(sass_report(name_filter=args.filter), "cpu", "attention SASS per main loop", args.save)
+    elif args.tune:
         common.finish(tune(args.device, D=args.D), args.device, "attention tiles", args.save)
     else:
         common.finish(run(args.device, quick=not args.full), args.device, "attention", args.save)

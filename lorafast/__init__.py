@@ -4,9 +4,10 @@
 every batch), not low-rank adaptation. ``lorafast.LoRA`` is the accelerated model, a drop-in for
 the pure-PyTorch reference ``lorafast.reference.LoRA``.
 """
+from lorafast.classification import LoRAForSequenceClassification
 from lorafast.config import ModelConfig
 from lorafast.local import PRESETS, LocalConfig, LocalRule
 from lorafast.model import LoRA, accelerate
 
 __version__ = "0.1.0"
-__all__ = ["LoRA", "accelerate", "LocalConfig", "LocalRule", "ModelConfig", "PRESETS"]
+__all__ = ["LoRA", "LoRAForSequenceClassification", "accelerate", "LocalConfig", "LocalRule", "ModelConfig", "PRESETS"]

@@ -7,17 +7,19 @@ A run folder ``OUT`` holds::
         config.json                the model folder's configuration (:mod:`lorafast.hub` format:
                                    format, architecture, model, step) plus "train" (the
                                    TrainConfig), "trainer" (scalar training state) and "files"
-                                   (bytes and sha256 of every tensor file of the folder)
+                                   (bytes and sha256 of every other file of the folder)
         model.safetensors          one process: the model's state_dict, as lorafast.hub writes it
+        tokenizer.json, ...        the tokenizer's files, if it has any (lorafast.tokenizer)
         optimizer.safetensors      one process: "optimizer/<parameter name>/<state key>" tensors
                                    and the extra tensors of the run (e.g. "rng/batch")
         shard-0000R-model-00001-of-00001.safetensors
                                    several processes (torch.distributed.checkpoint): the same
                                    tensors, each rank writing its own shard
     latest -> checkpoints/step-00000250
-    config.json -> latest/config.json, model.safetensors -> latest/model.safetensors
+    config.json -> latest/config.json, model.safetensors -> latest/model.safetensors, ...
 
-so that ``OUT`` itself reads as a model folder (``lorafast generate --checkpoint OUT``).
+so that ``OUT`` itself reads as a model folder (``lorafast generate --checkpoint OUT``,
+``LoRA.from_pretrained(OUT)``, ``lorafast finetune --checkpoint OUT``).
 
 Writing: every rank writes into ``checkpoints/.tmp-step-N`` (one process: safetensors files; several:
 ``torch.distributed.checkpoint`` with its safetensors storage, which reshards on load), each file
@@ -54,6 +56,7 @@ __all__ = ["CheckpointError", "CHECKPOINTS", "LATEST", "OPTIMIZER", "RUN_ENTRIES
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 OPTIMIZER = "optimizer.safetensors"
+SHARD_PREFIX = "shard-"  # torch.distributed.checkpoint's safetensors files, one per writing rank
 LEGACY_OPTIMIZER = "optimizer.pt"  # first layout: torch.save'd, read back with weights_only=True
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # What a run folder holds that a run writes (the only entries --overwrite removes).
@@ -161,11 +164,13 @@ def _commit(out: str, tmp: str, final: str, keep: int) -> None:
     os.rename(tmp, final)
     _fsync_dir(root)
     _symlink_over(os.path.relpath(final, out), os.path.join(out, LATEST))
-    for name in (CONFIG, WEIGHTS):
+    model_files = {n for n in os.listdir(final) if n != OPTIMIZER and not n.startswith(SHARD_PREFIX)}
+    for name in model_files:  # config.json, model.safetensors, the tokenizer's files
+        _symlink_over(os.path.join(LATEST, name), os.path.join(out, name))
+    for name in os.listdir(out):  # links to files the newest checkpoint does not have
         top = os.path.join(out, name)
-        if os.path.exists(os.path.join(final, name)):
-            _symlink_over(os.path.join(LATEST, name), top)
-        elif os.path.islink(top):
+        if os.path.islink(top) and name != LATEST and os.readlink(top).startswith(LATEST + os.sep) \
+                and name not in model_files:
             os.remove(top)
     legacy = os.path.join(out, LEGACY_OPTIMIZER)
     if os.path.isfile(legacy):  # a run of the first layout, now continued in this one
@@ -197,8 +202,9 @@ def _tensor_files(folder: str) -> list[str]:
 
 
 def _file_records(folder: str, world: World) -> dict[str, dict[str, Any]]:
-    """Bytes and sha256 of every tensor file in ``folder``, hashed by the ranks in turn."""
-    names = _tensor_files(folder)
+    """Bytes and sha256 of every file in ``folder`` but config.json (tensors, tokenizer), hashed
+    by the ranks in turn."""
+    names = sorted(n for n in os.listdir(folder) if n != CONFIG)
     mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": _sha256(os.path.join(folder, n))}
             for n in names[world.rank::world.size]}
     out: dict[str, dict[str, Any]] = {}
@@ -312,11 +318,18 @@ def save(out: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
         from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
         dcp.save({**model_state, **opt_state, **extra}, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+    tok = getattr(model, "tokenizer", None)
+    if world.is_main and tok is not None:
+        tok.save_pretrained(tmp)
+    world.barrier()
     files = _file_records(tmp, world)
     final = os.path.join(root, name)
     if world.is_main:
+        # The keys of a model folder, as lorafast.hub.save_model writes them, then the run's.
         record = {"format": FORMAT, "architecture": type(model).__name__.removeprefix("FSDP"),
-                  "model": model.config.to_dict(), "step": int(step), **meta,
+                  "model": model.config.to_dict(), "step": int(step),
+                  "tokenizer": tok.to_config() if tok is not None else None,
+                  **(model.config_extra() if hasattr(model, "config_extra") else {}), **meta,
                   "optimizer": {"class": type(optimizer).__name__, "param_groups": groups},
                   "sharded": world.distributed, "world_size": world.size, "files": files}
         write_json(os.path.join(tmp, CONFIG), record)
@@ -428,12 +441,15 @@ def load_for_inference(path: str, cls: type, device: str | torch.device = "cpu",
         step = int(meta["step"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(folder, CONFIG)}: bad model configuration ({e})") from None
+    from lorafast.tokenizer import tokenizer_from_config
+
     model = cls.from_config(config, **kwargs)
     state = model.state_dict()
     _read_tensors(folder, state)
     model.load_state_dict(state)
     model.to(device)
     model.redraw_local_(step)
+    model.tokenizer = tokenizer_from_config(meta.get("tokenizer"), folder, config.vocab_size)
     return model, meta
 
 

@@ -1,4 +1,4 @@
-"""The ``train`` and ``generate`` commands of ``lorafast``.
+"""The ``train``, ``generate`` and ``finetune`` commands of ``lorafast``.
 
 Each command parses its flags straight into a dataclass (:class:`lorafast.train.TrainConfig`,
 :class:`GenerateConfig`: one flag per field, same name with dashes, the field's help and
@@ -110,25 +110,31 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
 def _sample_text(cfg: GenerateConfig) -> int:
     import torch
 
-    from lorafast.corpus import decode, encode
     from lorafast.train import load_checkpoint, resolve_device, thread_count
 
     device = resolve_device(cfg.device)
     model, meta = load_checkpoint(cfg.checkpoint, device, reference=cfg.reference)
-    vocab = model.config.vocab_size
-    if vocab != 256:
-        raise ValueError(f"{cfg.checkpoint}: vocabulary of {vocab} tokens; lorafast generate encodes the prompt "
-                         "as bytes and needs a vocabulary of 256")
+    tok = model.tokenizer  # the checkpoint's own (bytes for old folders of vocabulary 256)
+    if tok is None:
+        raise ValueError(f"{cfg.checkpoint}: the checkpoint names no tokenizer, so the prompt cannot be encoded")
     print(f"lorafast: {cfg.checkpoint} (step {meta['step']}), device {device}, {thread_count()}",
           file=sys.stderr)
-    prompt = encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
+    prompt = tok.encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
-    print(decode(out[0]))
+    print(tok.decode(out[0]))
+    return 0
+
+
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from lorafast.finetune import FinetuneConfig, finetune
+
+    finetune(FinetuneConfig(**_fields(FinetuneConfig, args)))
     return 0
 
 
 def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
+    from lorafast.finetune import FinetuneConfig
     from lorafast.train import TrainConfig
 
     p = _Parser(prog="lorafast", description="Transformer LM with Local Random Initialization "
@@ -143,7 +149,11 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
                        description="Sample text from a checkpoint or model folder.")
     _add_dataclass_flags(g, GenerateConfig, given_only)
     g.set_defaults(func=_generate)
-    for s in (t, g):
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint for text classification (--data CSV/JSONL, or the "
+                       "built-in demo task)")
+    _add_dataclass_flags(f, FinetuneConfig, given_only)
+    f.set_defaults(func=_finetune)
+    for s in (t, g, f):
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if given_only else False,
                        help="show the traceback of an error (default: off)")
     sub.add_parser("bench", help="benchmarks and the static compile report (see lorafast bench --help)",

@@ -4,6 +4,10 @@ The built-in corpus is ``lorafast/data/stdlib.txt.gz``: 3.6 MB of CPython 3.11 s
 sources (code, comments, docstrings), 102 modules, one document each (made by
 ``tools/make_corpus.py``). Every 20th document is held out for validation, so the split is
 deterministic. A user's own text file (``--data FILE``) is split by bytes: the last 5 % validate.
+
+Tokens are bytes by default; ``load_corpus(tokenizer="bpe")`` trains a byte-level BPE on the
+training split, or a ``tokenizer.json`` is given (:mod:`lorafast.tokenizer`). The corpus keeps
+its tokenizer (``Corpus.tokenizer``) so that losses convert to bits per byte.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import hashlib
 import os
 
 import torch
+
+from lorafast.tokenizer import ByteTokenizer, Tokenizer, encode_compact, make_tokenizer
 
 VOCAB_SIZE = 256
 BUILTIN = os.path.join(os.path.dirname(__file__), "data", "stdlib.txt.gz")
@@ -31,9 +37,10 @@ def decode(ids: torch.Tensor | list[int]) -> str:
 
 @dataclasses.dataclass
 class Corpus:
-    train: torch.Tensor  # uint8 [n_train]
-    val: torch.Tensor  # uint8 [n_val]
+    train: torch.Tensor  # token ids [n_train]: uint8 for bytes, int16/int32 for a BPE
+    val: torch.Tensor  # token ids [n_val]
     source: str
+    tokenizer: Tokenizer = dataclasses.field(default_factory=ByteTokenizer)
     digest: str = ""  # sha256 of the file the corpus was read from
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -92,8 +99,11 @@ def read_text(path: str, what: str = "data file") -> tuple[str, bytes]:
     return text, raw
 
 
-def load_corpus(path: str | None = None, min_len: int = 2) -> Corpus:
-    """The built-in corpus (``path=None``) or a UTF-8 text file, split into train and validation.
+def load_corpus(path: str | None = None, min_len: int = 2, tokenizer: str | Tokenizer = "bytes",
+                vocab_size: int = 8192) -> Corpus:
+    """The built-in corpus (``path=None``) or a UTF-8 text file, split into train and validation,
+    tokenised with ``tokenizer``: a tokenizer object, ``"bytes"``, ``"bpe"`` (a byte-level BPE of
+    ``vocab_size`` ids trained on the training split) or a ``tokenizer.json`` file.
 
     The file is validated here, once (:func:`read_text`); ``digest`` is the sha256 of its bytes,
     so that a resumed run can tell that its data changed. Raises FileNotFoundError or
@@ -112,8 +122,9 @@ def load_corpus(path: str | None = None, min_len: int = 2) -> Corpus:
         train, val = text[:cut], text[cut:]
         source = path
         digest = hashlib.sha256(raw).hexdigest()
-    c = Corpus(encode(train).to(torch.uint8), encode(val).to(torch.uint8), source, digest)
+    tok = tokenizer if not isinstance(tokenizer, str) else make_tokenizer(tokenizer, vocab_size, train.split(DOC_SEP))
+    c = Corpus(encode_compact(tok, train), encode_compact(tok, val), source, tok, digest)
     for split, data in (("train", c.train), ("validation", c.val)):
         if len(data) < min_len + 1:
-            raise ValueError(f"{source}: the {split} split has {len(data)} bytes, fewer than seq_len + 1 = {min_len + 1}")
+            raise ValueError(f"{source}: the {split} split has {len(data)} tokens, fewer than seq_len + 1 = {min_len + 1}")
     return c

@@ -90,7 +90,8 @@ class LoRA(reference.LoRA):
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of ``W_o h + b_o`` without materialising the [N, V] logits."""
         h, w, b = self._head_operands(h)
-        return linear_cross_entropy(h, w, b, targets, ignore_index=ignore_index, impl=self.impl)
+        # targets were validated by loss() (or by the caller of loss_unchecked): check=False
+        return linear_cross_entropy(h, w, b, targets, ignore_index=ignore_index, impl=self.impl, check=False)
 
     def head_probs(self, h: torch.Tensor, temperature: float = 1.0, log: bool = False) -> torch.Tensor:
         h, w, b = self._head_operands(h)

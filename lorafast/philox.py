@@ -5,7 +5,9 @@ only on (seed, step, tensor, element) — not on the device, the launch grid, th
 a tensor is sharded — so that the reference model (this file, run on any device) and the Triton
 kernel ``lorafast.kernels.rerandomize`` produce the same numbers. This module defines them; it
 imports no triton (integer Philox: numpy uint64 for CPU tensors, ATen int64 ops elsewhere —
-two exact implementations of one function, tested equal).
+two exact implementations of one function, tested equal). CPU redraws and :func:`uniform` /
+:func:`normal` on CPU run in a C++ extension (:func:`fill_cpu_`, ``lorafast/csrc/philox_cpu.cpp``,
+built on first use), with the numpy route as its fallback: the same bits (tested).
 
 Generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11; Random123)
     Philox4x32-R: 4 x 32-bit counter, 2 x 32-bit key, R rounds (default 10, 7 allowed). One round::
@@ -56,16 +58,28 @@ Cross-device agreement: bit-exact
     ``enable_fp_fusion=False`` and uses ``tl.math.div_rn``/``tl.sqrt_rn``) and no subnormal
     intermediate (flush-to-zero cannot change them). No math library's log/cos/sin is used.
     ``torch.sqrt`` of fp32 is not correctly rounded on every CPU build (torch 2.13 CPU: 0.7% of
-    results one ulp off), hence :func:`sqrt_f32`; CPU tensors go through numpy float32
-    (:func:`box_muller_numpy`), other devices through ATen ops (:func:`box_muller`); both routes,
-    and the kernel under the Triton interpreter, are tested bit-equal. The values of normals
-    changed once, when this replaced torch.log/cos/sin (which agreed only within 4 ulps).
+    results one ulp off), hence :func:`sqrt_f32`; CPU tensors go through the C++ extension (the
+    same fp32 operations, compiled with ``-ffp-contract=off`` and no fast-math; ``std::sqrt`` of a
+    float is correctly rounded) or numpy float32 (:func:`box_muller_numpy`), other devices
+    through ATen ops (:func:`box_muller`); all routes, and the kernel under the Triton
+    interpreter, are tested bit-equal. The values of normals changed once, when this replaced
+    torch.log/cos/sin (which agreed only within 4 ulps).
 
-Speed of this path (CPU: integer Philox in numpy uint64, float maps in ATen ops kept below its
-parallel grain size, see ``chunk_groups``; Box-Muller in numpy float32): about 40-65 ms per
-million uniforms, about 65 ms per million normals (Box-Muller 39 ms of it; 56 and 30 ms when it
-used torch.log/cos/sin), 240 ms for the 3.5M elements of two 768x2304 kaiming matrices and six
-biases, measured on a shared, busy 2-core machine. The Triton kernel is the fast path.
+Speed on CPU (``python -m lorafast.bench.rerandomize --device cpu``, case ``large``: 2^20 fp32
+elements; provider ``lorafast`` = the C++ extension, ``numpy`` = the numpy route, ``torch_init`` =
+``torch.nn.init.uniform_`` / ``normal_``; median [p20, p80] in ms over 2 runs on the shared 2-core
+development machine at load average 4.2-4.5):
+    2 threads (default): uniform 0.84-0.92 [0.76-0.79, 1.2-1.3] vs torch.nn.init 3.1 [3.0, 7.1]
+    vs numpy 23; normal 1.35-1.8 [1.3-1.4, 1.7-5.7] vs 3.7-5.4 [3.6-3.7, 7.7] vs 54-55.
+    1 thread (``OMP_NUM_THREADS=1``): uniform 0.77-0.83 [0.73-0.76, 0.85-1.2] vs 3.0-3.1 vs
+    14-22; normal 1.25-1.5 [1.2-1.25, 1.3-1.8] vs 3.6-3.7 vs 33-52.
+So the extension takes 0.26-0.49x the time of torch.nn.init and is 18-41x faster than the numpy
+route. At load average 11-12 (3 runs each) every median is inflated, the ratios hold: 1 thread
+0.10-0.17x torch.nn.init and 45-86x faster than numpy; 2 threads 0.08-0.50x and 19-83x (a helper
+woken on a busy machine can cost the caller its core: 2-thread medians 0.9-8 ms there). The
+numpy route (integer Philox in numpy uint64, float maps in ATen ops kept below its parallel grain
+size, see ``chunk_groups``; Box-Muller in numpy float32) is the fallback; the Triton kernel is
+the GPU path.
 """
 from __future__ import annotations
 
@@ -78,7 +92,7 @@ __all__ = [
     "M0", "M1", "W0", "W1", "DEFAULT_ROUNDS", "MASK32", "TWO_PI_F32", "chunk_groups",
     "splitmix64", "derive_key", "philox4x32", "philox4x32_int", "philox4x32_numpy", "philox4x32_torch", "group_words",
     "element_words", "words_to_uniform", "words_to_normal", "log_f32", "sincos_2pi_f32", "sqrt_f32",
-    "box_muller", "box_muller_numpy",
+    "box_muller", "box_muller_numpy", "fill_cpu_",
     "uniform", "normal",
 ]
 
@@ -362,7 +376,7 @@ _F32 = np.float32
 
 
 def box_muller_numpy(wa: np.ndarray, wb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`box_muller` in numpy float32 (the CPU route; int64 word arrays in, fp32 out).
+    """:func:`box_muller` in numpy float32 (the CPU fallback route; int64 word arrays in, fp32 out).
 
     The same operations in the same order as :func:`log_f32`, :func:`sincos_2pi_f32` and
     :func:`box_muller`; numpy's float32 add/sub/mul/divide/sqrt are IEEE correctly rounded and
@@ -429,15 +443,52 @@ def words_to_normal(words: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.reshape(-1, 4))
 
 
+def fill_cpu_(tensors: list[torch.Tensor], key: tuple[int, int], rounds: int, codes: list[int],
+              shifts: list[float], scales: list[float], ids: list[int], offsets: list[int]) -> bool:
+    """The CPU route of a redraw: fill ``tensors`` in place with the C++ extension (one call for
+    the list, up to ``torch.get_num_threads()`` threads over blocks of groups; ``lorafast._cpu_ext``)
+    and return True, or return False without touching them when it is switched off
+    (``LORAFAST_CPU_EXT=0``) or cannot be built (one warning per process); the caller then takes
+    the numpy path. Same bits either way (tested).
+
+    Arguments as validated and lowered by ``lorafast.ops._rerandomize._validate``: contiguous,
+    non-overlapping fp32/fp16/bf16 CPU tensors; law codes with fp32 shifts and scales
+    (:mod:`lorafast.init_laws`); stream ids in [0, 2^32); offsets with offset + numel <= 2^62.
+    Raises RuntimeError if ``LORAFAST_CPU_EXT=1`` and the extension cannot be built.
+    """
+    from lorafast import _cpu_ext
+
+    return _cpu_ext.fill_(tensors, key, rounds, codes, shifts, scales, ids, offsets)
+
+
+def _fill_law(code: int, offset: int, numel: int, key, stream: int, rounds: int) -> torch.Tensor | None:
+    """fp32 base draws (law ``code`` with scale 1 and shift -0.0, the identity map bit for bit) of
+    elements [offset, offset + numel) from the C++ extension, or None when it is not active or
+    the arguments are outside its range (the numpy route then draws them or raises)."""
+    if not (0 <= offset and 0 <= numel and offset + numel <= 1 << 62 and 0 <= stream <= MASK32
+            and not isinstance(rounds, bool) and isinstance(rounds, int) and rounds >= 1):
+        return None
+    out = torch.empty(numel, dtype=torch.float32)
+    return out if fill_cpu_([out], key, rounds, [code], [-0.0], [1.0], [stream], [offset]) else None
+
+
 def uniform(offset: int, numel: int, *, key: tuple[int, int], stream: int,
             rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 uniforms in [0, 1) of elements [offset, offset + numel) of stream ``stream``."""
+    if torch.device(device).type == "cpu":
+        out = _fill_law(1, offset, numel, key, stream, rounds)          # init_laws.LAW_UNIFORM
+        if out is not None:
+            return out
     return words_to_uniform(element_words(offset, numel, key=key, stream=stream, rounds=rounds, device=device))
 
 
 def normal(offset: int, numel: int, *, key: tuple[int, int], stream: int,
            rounds: int = DEFAULT_ROUNDS, device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 standard normals of elements [offset, offset + numel) of stream ``stream``."""
+    if torch.device(device).type == "cpu":
+        out = _fill_law(2, offset, numel, key, stream, rounds)          # init_laws.LAW_NORMAL
+        if out is not None:
+            return out
     g0, g1 = offset // 4, (offset + numel + 3) // 4
     z = words_to_normal(group_words(g0, g1 - g0, key=key, stream=stream, rounds=rounds, device=device))
     return z.view(-1)[offset - 4 * g0: offset - 4 * g0 + numel]

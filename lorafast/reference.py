@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafast.config import ModelConfig
+from lorafast.hub import HubMixin, local_state, read_local_state
 from lorafast.local import LocalTensors
 
 __all__ = ["LoRA", "LocalLinear", "CausalSelfAttention", "MLP", "Block", "check_ids", "check_targets"]
@@ -155,6 +156,8 @@ def check_ids(x: object, vocab_size: int, max_seq_len: int, what: str = "ids") -
         raise ValueError(f"{what} is empty: shape {tuple(x.shape)}")
     if T > max_seq_len:
         raise ValueError(f"{what} has seq_len {T} > max_seq_len {max_seq_len}")
+    if torch.compiler.is_compiling():  # a value check is a host sync: a graph break. Shapes only.
+        return x.long()
     lo, hi = (int(v) for v in torch.aminmax(x))  # one host sync
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
@@ -169,6 +172,8 @@ def check_targets(targets: object, shape: torch.Size, vocab_size: int, ignore_in
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.shape != shape:
         raise ValueError(f"targets must have the shape of the ids {tuple(shape)}, got {tuple(targets.shape)}")
+    if torch.compiler.is_compiling():  # as in check_ids: no value check (host sync) under torch.compile
+        return targets.long()
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         v = int(targets[bad][0])
@@ -176,7 +181,7 @@ def check_targets(targets: object, shape: torch.Size, vocab_size: int, ignore_in
     return targets.long()
 
 
-class LoRA(nn.Module):
+class LoRA(nn.Module, HubMixin, pipeline_tag="text-generation"):
     """Causal Transformer LM trained with Local Random Initialization (not low-rank adaptation).
 
     ``LoRA(vocab_size, embedding_dim, hidden_dim, num_layers)`` keeps the source document's four
@@ -184,6 +189,11 @@ class LoRA(nn.Module):
     :data:`lorafast.local.PRESETS`), a :class:`~lorafast.local.LocalConfig`, or None for the
     default preset. ``seed`` (an int in [0, 2^64)) fixes both the one-time global initialisation
     and every local draw. Raises ValueError / TypeError for a bad configuration.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from
+    :class:`lorafast.hub.HubMixin`. The ``state_dict`` carries the *local state* (seed, local
+    rules, ``local_step``; key ``_extra_state``): loading it checks the seed and rules (ValueError
+    on a mismatch) and redraws the local tensors for the saved step.
     """
 
     attention_class: type[CausalSelfAttention] = CausalSelfAttention
@@ -205,6 +215,9 @@ class LoRA(nn.Module):
         self.head = LocalLinear(hidden_dim, vocab_size)  # W_o h + b_o
         self._init_global()
         self.local_tensors = LocalTensors.discover(self, cfg.local, cfg.seed, LocalLinear)
+        self.local_step = 0  # the training step whose draws the local tensors hold
+        self._loaded_local_step: int | None = None
+        self.register_load_state_dict_post_hook(_after_load)  # also when loaded as a submodule
         self.redraw_local_(0)
 
     @classmethod
@@ -252,12 +265,18 @@ class LoRA(nn.Module):
         """Mutates the local tensors into the draws in force at training step ``step``
         (:meth:`lorafast.local.LocalTensors.redraw_`); returns the trained tensors it
         re-initialised (merge adapters), whose optimizer state the training loop must clear."""
-        return self.local_tensors.redraw_(step, impl=self.impl)
+        reinitialised = self.local_tensors.redraw_(step, impl=self.impl)
+        self.local_step = step
+        return reinitialised
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self.local_tensors.after_load()
-        return result
+    def get_extra_state(self) -> torch.Tensor:
+        """The local state (:func:`lorafast.hub.local_state`): seed, local rules, ``local_step``."""
+        return local_state(self.config, self.local_step)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Check a loaded local state (ValueError on another seed or other local rules); its step
+        is applied once the whole state dict is in (``_after_load``)."""
+        self._loaded_local_step = read_local_state(self.config, state)
 
     # ------------------------------------------------------------------ forward
     def embed(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -279,8 +298,14 @@ class LoRA(nn.Module):
             h = block(h)
         return self.ln_f(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> logits [B, T, vocab_size]."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab_size] (fp32 for fp32 weights); with ``targets``
+        [B, T], the mean next-token cross-entropy instead, as :meth:`loss` (the accelerated model
+        then never forms the logits), so that ``torch.compile(model)(ids, targets)`` compiles a
+        whole training forward. Under ``torch.compile`` the ids and targets are checked for
+        dtype and shape only (a value check would be a host sync); validate data beforehand."""
+        if targets is not None:
+            return self.loss(x, targets, ignore_index)
         return self.head(self.hidden(x))
 
     def head_probs(self, h: torch.Tensor, temperature: float = 1.0, log: bool = False) -> torch.Tensor:
@@ -359,6 +384,15 @@ class LoRA(nn.Module):
         finally:
             self.train(was_training)
         return ids
+
+
+def _after_load(model: LoRA, incompatible_keys) -> None:
+    """Load-state-dict post hook: loaded merge adapters hold the draws of their ``draw`` buffers;
+    then every local tensor is redrawn for the loaded local state's step (if there was one)."""
+    model.local_tensors.after_load()
+    step, model._loaded_local_step = model._loaded_local_step, None
+    if step is not None:
+        model.redraw_local_(step)
 
 
 def _check_temperature(temperature: float) -> None:

@@ -40,9 +40,10 @@ import torch
 from lorafast import checkpoint
 from lorafast.checks import SEED_RANGE, STEP_RANGE, check_int
 from lorafast.config import DEFAULT_PRESET, DTYPES, PRESETS, ModelConfig, default_num_heads
-from lorafast.corpus import VOCAB_SIZE, Corpus, decode, encode, load_corpus
+from lorafast.corpus import VOCAB_SIZE, Corpus, load_corpus
 from lorafast.distributed import World, bare_model, init_world, parallelize, reshard, sharded_local_names
 from lorafast.hub import atomic_write, read_config
+from lorafast.tokenizer import bits_per_byte_factor, run_tokenizer
 
 _INT = (1, 1 << 31)  # sizes that become tensor dimensions
 _COUNT = (0, STEP_RANGE[1])  # step counts and intervals (0: off)
@@ -131,6 +132,10 @@ class TrainConfig:
                    defines_run=True)
     out: str = option("runs/lorafast", "run folder: metrics.jsonl, checkpoints")
     data: str | None = option(None, "train on this UTF-8 text file (default: the built-in corpus)", defines_run=True)
+    tokenizer: str = option("bytes", "bytes, bpe (train a byte-level BPE on the training split) or a tokenizer.json "
+                            "file; a resumed run keeps its own", defines_run=True, kept_on_resume=True)
+    vocab_size: int = option(8192, "vocabulary of --tokenizer bpe", range=(2, 1 << 31), defines_run=True,
+                             kept_on_resume=True)
     resume: bool = option(False, "continue the run in --out with its saved settings (flags that define the run "
                       "must keep their values; --steps may grow)")
     overwrite: bool = option(False, "start a new run in --out even if it holds one (deletes that run's checkpoints "
@@ -157,7 +162,8 @@ class TrainConfig:
                            dropout=self.dropout, local=self.preset, seed=self.seed)
 
 
-RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["defines_run"])
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RUN_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["defines_run"])
 MODEL_FIELDS = ("seq_len", "embedding_dim", "hidden_dim", "num_layers", "num_heads", "ffn_dim", "dropout",
                 "preset", "seed")  # the fields ModelConfig is built from
 
@@ -262,7 +268,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     Redraws the local tensors for ``step`` (clearing the optimizer state of re-initialised
     adapters), sets the learning rate ``lr`` on every parameter group, computes the loss of ids
     ``x`` against targets ``y`` (int64 [B, T] on the model's device, already validated:
-    ``loss_unchecked``), backpropagates through ``scaler`` (fp16 loss scaling; None: off),
+    ``model.loss_unchecked``, or the compiled forward ``model(x, y)`` of a
+    ``torch.compile``-d model), backpropagates through ``scaler`` (fp16 loss scaling; None: off),
     clips the global gradient norm to ``grad_clip`` (0: off) and updates. ``model`` may be what
     :func:`lorafast.distributed.parallelize` returns (DDP or FSDP2: gradients are averaged over
     the ranks in backward). Returns the loss, a detached 0-dim fp32 tensor on the device
@@ -277,7 +284,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         g["lr"] = lr
     scaler = scaler if scaler is not None else _NO_SCALING
     with autocast if autocast is not None else contextlib.nullcontext():
-        loss = model.loss_unchecked(x, y)
+        # torch.compile(model) compiles forward only; it checks no values under compile (no sync)
+        loss = model(x, y) if hasattr(model, "_orig_mod") else model.loss_unchecked(x, y)
     scaler.scale(loss).backward()
     if skip_nonfinite and not _finite_on_every_rank(loss.detach()):
         optimizer.zero_grad(set_to_none=True)
@@ -355,6 +363,10 @@ def _resolved(name: str, cfg: dict[str, Any]) -> Any:
         return cfg["lr"] / 10
     if name == "data" and v is not None:
         return os.path.abspath(v)
+    if name == "tokenizer" and v not in ("bytes", "bpe"):
+        return os.path.abspath(v)  # a tokenizer.json file
+    if name == "vocab_size" and cfg.get("tokenizer") != "bpe":
+        return None  # read only by --tokenizer bpe
     return v
 
 
@@ -398,21 +410,26 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**saved, "overwrite": False, **given, "out": out, "resume": True})
 
 
-def _check_out(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
-    """Read-only checks of the run folder (every rank makes them, before anyone writes):
-    returns the checkpoint folder to resume and its config.json, or (None, None) for a new run."""
+def _check_out(cfg: TrainConfig) -> tuple[TrainConfig, str | None, dict[str, Any] | None]:
+    """Read-only checks of the run folder (every rank makes them, before anyone writes): returns
+    the configuration to run (the saved values of the fields a resumed run keeps), the checkpoint
+    folder to resume and its config.json, or (cfg, None, None) for a new run."""
     if cfg.resume:
         folder = _find_resumable(cfg.out)
         meta = read_config(folder)
         saved = _saved_train_config(meta, folder)
-        conflict = run_conflicts(saved, {n: getattr(cfg, n) for n in RUN_FIELDS})
+        # Fields a resumed run keeps (its tokenizer) count as given only with a non-default value.
+        given = {n: getattr(cfg, n) for n in RUN_FIELDS
+                 if not (_FIELDS[n].metadata.get("kept_on_resume") and getattr(cfg, n) == _FIELDS[n].default)}
+        conflict = run_conflicts(saved, given)
         if conflict:
             raise ValueError(f"--resume: the run in {cfg.out} {conflict}")
         step = int(meta["step"])
         if cfg.steps < step:
             raise ValueError(f"--steps {cfg.steps}: the run in {cfg.out} is already at step {step}; "
                              "--steps can only extend it")
-        return folder, meta
+        kept = {n: saved[n] for n, f in _FIELDS.items() if f.metadata.get("kept_on_resume")}
+        return dataclasses.replace(cfg, **kept), folder, meta
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out}: a file, not a folder")
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
@@ -421,7 +438,7 @@ def _check_out(cfg: TrainConfig) -> tuple[str | None, dict[str, Any] | None]:
                 else f"{len(os.listdir(cfg.out))} files")
         raise ValueError(f"--out {cfg.out} already holds {held}; pass --resume to continue it, or --overwrite "
                          "to replace it")
-    return None, None
+    return cfg, None, None
 
 
 def _saved_form(cfg: TrainConfig) -> dict[str, Any]:
@@ -476,7 +493,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     say = (lambda msg: print(msg, file=sys.stderr)) if world.is_main else (lambda msg: None)
-    folder, saved_meta = _check_out(cfg)
+    cfg, folder, saved_meta = _check_out(cfg)
     if cfg.batch_size % world.size:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the "
                          f"{world.size} processes")
@@ -487,12 +504,15 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     if cfg.fsdp and not world.distributed:
         say("lorafast: --fsdp has nothing to shard in a single process: training unsharded "
             "(start the run with torchrun --nproc_per_node=N to shard it)")
-    corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len)
+    # a resumed run keeps its own tokenizer (never retrains its BPE)
+    corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len, vocab_size=cfg.vocab_size,
+                                 tokenizer=run_tokenizer(cfg.tokenizer, folder or cfg.out, folder is not None))
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start = int(saved_meta["step"]) if saved_meta else 0
     kept_metrics = checkpoint.read_json_lines(metrics_path, start) if folder else []
     device = world.device
-    model = model_class(cfg.reference).from_config(cfg.model_config())
+    model = model_class(cfg.reference).from_config(cfg.model_config(corpus.tokenizer.vocab_size))
+    model.tokenizer = corpus.tokenizer  # saved with every checkpoint
     corpus.check_vocab(model.config.vocab_size)  # once, so that the steps need no host sync
     net = parallelize(model, world, cfg.fsdp)
     bare = bare_model(net)
@@ -527,13 +547,17 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     part = (world.rank, world.size)
     val_gen = torch.Generator().manual_seed((cfg.seed + 1) % (1 << 64))
     val_batches = [corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen, part) for _ in range(cfg.eval_batches)]
+    # nats/token -> bits/byte, over the whole validation batches (every rank's slice)
+    full_gen = torch.Generator().manual_seed((cfg.seed + 1) % (1 << 64))
+    bpb = bits_per_byte_factor(corpus.tokenizer, [corpus.batch("val", cfg.batch_size, cfg.seq_len, full_gen)[1]
+                                                  for _ in range(cfg.eval_batches)])
     n_params = sum(p.numel() for p in bare.global_parameters())
     n_local = sum(t.numel() for t in bare.local_parameters())
     procs = (f", {world.size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}, global batch {cfg.batch_size} = "
              f"{world.size} x {cfg.batch_size // world.size})" if world.distributed else "")
     say(f"lorafast: {type(model).__module__}.LoRA, {n_params:,} global + {n_local:,} local parameters "
         f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
-        f"val bytes), device {device}, {cfg.dtype}, {thread_count()}{procs}")
+        f"val tokens), device {device}, {cfg.dtype}, {thread_count()}{procs}")
     if start >= cfg.steps:
         say(f"lorafast: the run in {cfg.out} already finished its {start} steps; pass --steps N (N > {start}) "
             "to extend it")
@@ -563,7 +587,7 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         v0 = validate()
         val_losses.append((0, v0))
         # Before any update: no training loss, learning rate or throughput yet.
-        log({"step": 0, "loss": None, "lr": None, "tokens_per_s": None, "val_loss": v0})
+        log({"step": 0, "loss": None, "lr": None, "tokens_per_s": None, "val_loss": v0, "val_bpb": v0 * bpb})
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -627,6 +651,7 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                     rec["skipped_steps"] = skipped
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     rec["val_loss"] = validate()
+                    rec["val_bpb"] = rec["val_loss"] * bpb
                     val_losses.append((done, rec["val_loss"]))
                 log(rec)
                 if bar is not None:
@@ -668,12 +693,13 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         print(f"--- sample ---\n{sample}\n--------------")
     summary = {"steps": cfg.steps, "seconds": elapsed, "first_loss": losses[0][1] if losses else None,
                "last_loss": losses[-1][1] if losses else None, "losses": losses, "val_losses": val_losses,
-               "out": cfg.out, "sample": sample or "", "skipped_steps": skipped}
+               "out": cfg.out, "sample": sample or "", "skipped_steps": skipped,
+               "val_bpb": [(s, v * bpb) for s, v in val_losses]}
     if val_losses and losses:
         say(f"lorafast: {cfg.steps - start} steps in {elapsed:.1f} s; train loss "
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; val loss "
-            f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}); "
-            f"checkpoint in {cfg.out}")
+            f"{val_losses[0][1]:.3f} (step {val_losses[0][0]}) -> {val_losses[-1][1]:.3f} (step {val_losses[-1][0]}), "
+            f"{val_losses[-1][1] * bpb:.3f} bits per byte; checkpoint in {cfg.out}")
     return summary
 
 
@@ -690,13 +716,14 @@ def _sample(cfg: TrainConfig, net: torch.nn.Module, bare: torch.nn.Module, world
         full = get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not world.is_main:
             return None
-        model = model_class(cfg.reference).from_config(cfg.model_config())
+        model = model_class(cfg.reference).from_config(bare.config)
         model.load_state_dict({k: v for k, v in full.items() if k not in regenerated})
         model.to(world.device)
     elif not world.is_main:
         return None
     model.redraw_local_(cfg.steps)
-    prompt = encode(cfg.prompt or "\n")[None].to(world.device)  # [1, P]
+    tok = bare.tokenizer
+    prompt = tok.encode(cfg.prompt or "\n")[None].to(world.device)  # [1, P]
     out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
                          generator=torch.Generator(device=world.device).manual_seed(cfg.seed))
-    return decode(out[0])
+    return tok.decode(out[0])

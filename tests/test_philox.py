@@ -231,3 +231,307 @@ def test_lowering_is_fp32():
     assert code == init_laws.LAW_UNIFORM
     assert shift == float(torch.tensor(-0.1, dtype=torch.float32)) and scale == float(torch.tensor(0.4, dtype=torch.float32))
     assert Normal(0.5, 0.02).lower() == (init_laws.LAW_NORMAL, init_laws.to_fp32(0.5), init_laws.to_fp32(0.02))
+
+
+# --------------------------------------------------------------------------- C++ CPU extension
+# lorafast/csrc/philox_cpu.cpp (loaded by lorafast._cpu_ext): bit for bit the numpy path, for
+# every law, dtype, offset, list shape, thread count and block size; the numpy path when it is off
+# (LORAFAST_CPU_EXT=0) or cannot be built (one warning).
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from lorafast import _cpu_ext  # noqa: E402
+from lorafast.ops._rerandomize import _validate, rerandomize_  # noqa: E402
+
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_ALL_LAWS = [Normal(0.1, 0.5), Normal(), Uniform(-2.0, 3.0), Uniform(), KaimingUniform(fan=37), Zeros()]
+# element offsets: unaligned starts, across 2^31 and 2^32 elements, group indices past 2^32, near 2^62
+_OFFSETS = [0, 1, 2, 3, 4099, (1 << 31) - 3, (1 << 32) + 1, (1 << 34) + 2, (1 << 40) + 3, (1 << 62) - 5000]
+_SIZES = [1, 2, 3, 5, 4097, 1001, 7, 2000, 64, 3]
+
+
+def _can_build() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return shutil.which(os.environ.get("CXX", "c++")) is not None and is_ninja_available()
+
+
+@pytest.fixture
+def ext():
+    """The built extension; skipped only where no compiler or ninja exists (then it must not build)."""
+    if not _can_build():
+        pytest.skip("no C++ compiler or ninja here: the numpy path is the CPU route")
+    return _cpu_ext.library(required=True)
+
+
+def _assert_bits_equal(ref, got, where=""):
+    for i, (a, b) in enumerate(zip(ref, got)):
+        bad = a.view(_INT[a.dtype]) != b.view(_INT[b.dtype])
+        if bad.any():
+            k = int(bad.flatten().nonzero()[0])
+            raise AssertionError(f"{where} tensor {i} ({a.dtype}, {a.numel()} elements): {int(bad.sum())} differ, "
+                                 f"first at {k}: {a.flatten()[k]} vs {b.flatten()[k]}")
+
+
+def _lowered(tensors, laws, ids, offsets, rounds=10):
+    return _validate(tensors, laws, ids, offsets, rounds)[1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("law", _ALL_LAWS, ids=lambda law: repr(law))
+def test_extension_equals_numpy_path(ext, dtype, law):
+    # one list: ragged sizes at unaligned offsets and offsets past 2^31, 2^32, 2^34 (group > 2^32)
+    ids = [7, 0, 1 << 31, 0xFFFFFFFF, 12345, 99, 3, 4, 5, 6]
+    ref = [torch.empty(n, dtype=dtype) for n in _SIZES]
+    got = [torch.full((n,), 7.0, dtype=dtype) for n in _SIZES]
+    with _cpu_ext.disabled():
+        rerandomize_(ref, seed=21, step=8, init=law, ids=ids, offsets=_OFFSETS, impl="torch")
+    codes, shifts, scales, ids_, offs = _lowered(got, law, ids, _OFFSETS)
+    key = philox.derive_key(21, 8)
+    for threads, block_g in [(None, _cpu_ext.BLOCK_G), (1, 1), (2, 7), (3, 1024)]:
+        for t in got:
+            t.fill_(7.0)
+        assert _cpu_ext.fill_(got, key, 10, codes, shifts, scales, ids_, offs, num_threads=threads, block_g=block_g)
+        _assert_bits_equal(ref, got, f"threads={threads} block_g={block_g}")
+    for t in got:
+        t.fill_(7.0)
+    rerandomize_(got, seed=21, step=8, init=law, ids=ids, offsets=_OFFSETS, impl="torch")   # the op's route
+    _assert_bits_equal(ref, got, "rerandomize_")
+
+
+def test_extension_many_small_tensors_and_rounds(ext):
+    gen = torch.Generator().manual_seed(5)
+    n = 400
+    sizes = torch.randint(0, 13, (n,), generator=gen).tolist()
+    dtypes = [(torch.float32, torch.float16, torch.bfloat16)[i % 3] for i in range(n)]
+    laws = [_ALL_LAWS[i % len(_ALL_LAWS)] for i in range(n)]
+    laws = [KaimingUniform(fan=5) if isinstance(law, KaimingUniform) else law for law in laws]
+    ids = torch.randint(0, 1 << 32, (n,), generator=gen, dtype=torch.int64).tolist()
+    offsets = [int(o) for o in torch.randint(0, 1 << 40, (n,), generator=gen, dtype=torch.int64)]
+    for rounds in (10, 7, 3):
+        ref = [torch.empty(s, dtype=d) for s, d in zip(sizes, dtypes)]
+        got = [torch.empty(s, dtype=d) for s, d in zip(sizes, dtypes)]
+        with _cpu_ext.disabled():
+            rerandomize_(ref, seed=1, step=2, init=laws, ids=ids, offsets=offsets, rounds=rounds, impl="torch")
+        rerandomize_(got, seed=1, step=2, init=laws, ids=ids, offsets=offsets, rounds=rounds, impl="torch")
+        _assert_bits_equal(ref, got, f"rounds={rounds}")
+
+
+def test_extension_large_tensor_threads_and_blocks(ext):
+    # 2^18 elements (1024 blocks): every thread count and block size gives the numpy path's bits
+    ref = [torch.empty(1 << 18, dtype=torch.float16), torch.empty(3 * 4096 + 1)]
+    laws, ids, offsets = [Normal(0.0, 0.02), Uniform(-0.1, 0.1)], [3, 4], [6, (1 << 33) + 1]
+    with _cpu_ext.disabled():
+        rerandomize_(ref, seed=2, step=3, init=laws, ids=ids, offsets=offsets, impl="torch")
+    got = [torch.empty_like(t) for t in ref]
+    lowered = _lowered(got, laws, ids, offsets)
+    for threads in (1, 2, 4):
+        for block_g in (1, 100, 1024):
+            assert _cpu_ext.fill_(got, philox.derive_key(2, 3), 10, *lowered, num_threads=threads, block_g=block_g)
+            _assert_bits_equal(ref, got, f"threads={threads} block_g={block_g}")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)                       # the default thread count follows torch's
+        rerandomize_(got, seed=2, step=3, init=laws, ids=ids, offsets=offsets, impl="torch")
+    finally:
+        torch.set_num_threads(before)
+    _assert_bits_equal(ref, got, "torch.set_num_threads(1)")
+    v = got[0]._version
+    rerandomize_(got, seed=2, step=4, init=laws, ids=ids, offsets=offsets, impl="torch")
+    assert got[0]._version > v                         # in-place writes are visible to autograd
+
+
+def test_extension_threads_stress(ext):
+    # many short jobs of 1-group blocks on 4 threads (helpers claim, the caller takes over blocks
+    # they have not written): every call equals the 1-thread draw, and nothing is written into a
+    # tensor after the call has returned (each is zeroed right after its check and must stay so)
+    ref = torch.empty(4093, dtype=torch.bfloat16)
+    lowered = _lowered([ref], Normal(1.0, 2.0), [11], [1])
+    filled = []
+    for step in range(60):
+        key = philox.derive_key(8, step)
+        t = torch.empty_like(ref)
+        assert _cpu_ext.fill_([ref], key, 10, *lowered, num_threads=1, block_g=1)
+        assert _cpu_ext.fill_([t], key, 10, *lowered, num_threads=4, block_g=1)
+        _assert_bits_equal([ref], [t], f"step {step}")
+        filled.append(t.zero_())
+    time.sleep(0.05)
+    assert not any(t.any() for t in filled)
+
+
+def test_extension_bad_arguments(ext):
+    t = torch.empty(8)
+    lowered = _lowered([t], Normal(), [0], [0])
+    for kw in (dict(block_g=0), dict(block_g=1025), dict(num_threads=0)):
+        with pytest.raises(ValueError):
+            _cpu_ext.fill_([t], (1, 2), 10, *lowered, **kw)
+    with pytest.raises(ValueError):
+        _cpu_ext.fill_([t], (1, 2), 0, *lowered)
+    with pytest.raises(ValueError):
+        philox.uniform(-1, 4, key=(1, 2), stream=0)
+    with pytest.raises(ValueError):
+        philox.normal(0, 4, key=(1, 2), stream=1 << 32)
+
+
+# elements of the stream (seed 0, step 0, id 0) whose normal is a signed zero: u1 = 1 (r = -0.0) at
+# 1331152-3 and 29108772-3; sin or cos exactly 0 at 13411196 and 7100157
+SIGNED_ZEROS = [(1331150, [0xBF47EE87, 0x3FAC947A, 0x80000000, 0x80000000, 0x3F21C4BC, 0xBF0FEA5B]),
+                (29108770, [0xBF1B8616, 0xBF9EA982, 0x80000000, 0x00000000, 0x3ED1602C, 0x3F212E56]),
+                (13411194, [0x3EE57683, 0x3F87C398, 0x00000000, 0xBF9B43BC, 0xBE85E314, 0xBF78B9B5]),
+                (7100156, [0xBF8F1FF4, 0x80000000, 0x3FAB6762, 0xBDE2C1C1, 0xBF21619B, 0x3CB76857])]
+
+
+@pytest.mark.parametrize("offset,bits", SIGNED_ZEROS)
+def test_signed_zeros_both_routes(offset, bits):
+    key = philox.derive_key(0, 0)
+    for route in ("auto", "numpy"):
+        if route == "numpy":
+            with _cpu_ext.disabled():
+                z = philox.normal(offset, len(bits), key=key, stream=0)
+        else:
+            z = philox.normal(offset, len(bits), key=key, stream=0)
+        assert [b & philox.MASK32 for b in z.view(torch.int32).tolist()] == bits, route
+
+
+def test_uniform_and_normal_routes_equal(ext):
+    key = philox.derive_key(9, 1 << 40)
+    for fn in (philox.uniform, philox.normal):
+        for offset, n in [(0, 1 << 16), (3, 4097), ((1 << 34) + 1, 999)]:
+            got = fn(offset, n, key=key, stream=0xFFFFFFFF, rounds=7)
+            with _cpu_ext.disabled():
+                ref = fn(offset, n, key=key, stream=0xFFFFFFFF, rounds=7)
+            _assert_bits_equal([ref], [got], f"{fn.__name__} offset {offset}")
+
+
+def _fp32_patterns() -> torch.Tensor:
+    """Every sign/exponent/top-7-mantissa-bits prefix (65536) with low 16 bits that sit on, next to
+    and between the rounding points of fp16 (bit 13, or higher for subnormals) and bf16 (bit 16)."""
+    hi = torch.arange(1 << 16, dtype=torch.int64) << 16
+    lows = [0, 1, 2, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2001, 0x3000,
+            0x3FFF, 0x4000, 0x5000, 0x6000, 0x7000, 0x9000, 0xC000, 0xE000, 0x1234, 0xABCD]
+    bits = (hi[:, None] + torch.tensor(lows, dtype=torch.int64)[None, :]).flatten()
+    rand = torch.randint(0, 1 << 32, (1 << 20,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    bits = torch.cat([bits, rand])
+    x = bits.to(torch.int32).view(torch.float32)      # int64 -> int32 keeps the low 32 bits
+    return x[~torch.isnan(x)]                          # NaN payloads differ between torch's own paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_bf16_rounding_matches_torch(ext, dtype):
+    x = _fp32_patterns()
+    want = x.to(dtype).view(torch.int16)
+    got = _cpu_ext.round_to(x, dtype).view(torch.int16)
+    bad = (want != got).nonzero().flatten()
+    assert bad.numel() == 0, [(hex(int(x[i].view(torch.int32)) & philox.MASK32), hex(int(want[i]) & 0xFFFF),
+                               hex(int(got[i]) & 0xFFFF)) for i in bad[:5]]
+
+
+@pytest.mark.skipif(os.environ.get("LORAFAST_TEST_EXHAUSTIVE", "0") in ("", "0"),
+                    reason="all 2^32 fp32 inputs: set LORAFAST_TEST_EXHAUSTIVE=1 (3-6 min)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_bf16_rounding_every_fp32(ext, dtype):
+    step = 1 << 24
+    for start in range(0, 1 << 32, step):
+        x = torch.arange(start, start + step, dtype=torch.int64).to(torch.int32).view(torch.float32)
+        x = x[~torch.isnan(x)]
+        if x.numel():
+            assert torch.equal(x.to(dtype).view(torch.int16), _cpu_ext.round_to(x, dtype).view(torch.int16)), hex(start)
+
+
+@pytest.fixture
+def fresh_ext_state(monkeypatch, tmp_path):
+    """A process state in which the extension has not been tried yet, building under tmp_path."""
+    monkeypatch.setattr(_cpu_ext, "_state", {"lib": None, "tried": False, "error": None, "warned": False,
+                                             "build_s": None})
+    monkeypatch.setenv("LORAFAST_EXT_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv(_cpu_ext.ENV, raising=False)
+    return tmp_path
+
+
+def _mixed_draw():
+    ts = [torch.empty(301, dtype=torch.float16), torch.empty(33, 7), torch.empty(45, dtype=torch.bfloat16)]
+    return ts, dict(seed=4, step=5, init=[Normal(0.1, 0.5), KaimingUniform(), Uniform(-1.0, 2.0)],
+                    offsets=[3, 0, (1 << 33) + 1], impl="torch")
+
+
+@pytest.mark.parametrize("how", ["no compiler", "unwritable build directory"])
+def test_fallback_warns_once_and_draws_the_same(fresh_ext_state, monkeypatch, how):
+    if how == "no compiler":
+        monkeypatch.setenv("CXX", str(fresh_ext_state / "no-such-c++"))
+    else:
+        (fresh_ext_state / "file").write_text("")
+        monkeypatch.setenv("LORAFAST_EXT_DIR", str(fresh_ext_state / "file" / "ext"))
+    ref, kw = _mixed_draw()
+    with _cpu_ext.disabled():
+        rerandomize_(ref, **kw)
+    got, _ = _mixed_draw()
+    with pytest.warns(RuntimeWarning, match="numpy path") as record:
+        rerandomize_(got, **kw)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    _assert_bits_equal(ref, got, how)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # once per process
+        rerandomize_(got, **kw)
+        philox.uniform(0, 10, key=(1, 2), stream=0)
+    monkeypatch.setenv(_cpu_ext.ENV, "1")               # required: an error, not a fallback
+    with pytest.raises(RuntimeError, match="unavailable"):
+        rerandomize_(got, **kw)
+
+
+def test_switched_off_builds_nothing(fresh_ext_state, monkeypatch):
+    monkeypatch.setenv(_cpu_ext.ENV, "0")
+    ts, kw = _mixed_draw()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rerandomize_(ts, **kw)
+    assert not _cpu_ext._state["tried"] and not (fresh_ext_state / "ext").exists()
+    monkeypatch.setenv(_cpu_ext.ENV, "yes")
+    with pytest.raises(ValueError, match="LORAFAST_CPU_EXT"):
+        rerandomize_(ts, **kw)
+
+
+def test_prebuilt_library_loads_without_writing(ext, monkeypatch, tmp_path):
+    # a finished build (library + marker) is loaded directly, writing nothing: read-only works
+    name, built = _cpu_ext.build_name(), _cpu_ext.build_dir()
+    d = tmp_path / name
+    d.mkdir()
+    for f in (f"{name}.so", f"{name}.done"):
+        shutil.copy(built / f, d / f)
+    monkeypatch.setenv("LORAFAST_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu_ext, "_state", {"lib": None, "tried": False, "error": None, "warned": False,
+                                             "build_s": None})
+    assert _cpu_ext.library(required=True) is not None and _cpu_ext._state["build_s"] is None
+    assert sorted(p.name for p in d.iterdir()) == sorted([f"{name}.so", f"{name}.done"])
+
+
+_CHILD = """
+import torch
+from lorafast import _cpu_ext, philox
+_cpu_ext.library(required=True)
+z = philox.normal(5, 1 << 16, key=philox.derive_key(1, 2), stream=3)
+print(int(z.view(torch.int32).double().sum()), _cpu_ext._state["build_s"] is not None)
+"""
+
+
+def test_concurrent_first_builds_with_a_stale_lock(ext, tmp_path):
+    # two processes build into one fresh directory at once, in which a killed build left torch's
+    # FileBaton lock file (torch alone would wait for it forever): one builds, the other waits
+    # on the directory lock and loads; both draw the same values as this process
+    root = tmp_path / "ext"
+    stale = root / _cpu_ext.build_name() / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    env = dict(os.environ, LORAFAST_EXT_DIR=str(root), **{_cpu_ext.ENV: "1"})
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [out.split() for out, _ in outs]
+    z = philox.normal(5, 1 << 16, key=philox.derive_key(1, 2), stream=3)
+    assert [r[0] for r in results] == [str(int(z.view(torch.int32).double().sum()))] * 2
+    assert sorted(r[1] for r in results) == ["False", "True"]          # exactly one built
+    assert not stale.exists() and (stale.parent / f"{_cpu_ext.build_name()}.done").exists()

@@ -100,6 +100,42 @@ def test_independent_of_block_size_and_list():
     assert torch.equal(alone, ref[4])
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernel_rows_of_several_chunks(aligned):
+    # the GPU launch: programs of ROW_ITERS chunks of BLOCK_G groups, rows cut at multiples of 2^32
+    # groups, every law (the uniform of a tiny scale keeps its 2^-24 apart), interior and ragged
+    # chunks; here with 16-group chunks, 3 per row: bit-equal to the PyTorch path
+    from lorafast.kernels.rerandomize import GROUP_SPAN, _metadata, rerandomize_launch
+
+    span = 4 * GROUP_SPAN                                 # elements per 2^32 groups
+    shapes = [(3, 100), (501,), (64,), (250,), (90,), (777,)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.bfloat16, torch.float16]
+    laws = [Normal(0.5, 2.0), Uniform(-1.0, 3.0), Zeros(), Uniform(0.0, 1e-35), Normal(), KaimingUniform(fan=7)]
+    offsets = [0, span - 200, 4 * 97, span * 3 - 8, 2 * span + 40, span - 400]   # 1, 3, 5 cross 2^32 groups
+    if not aligned:
+        offsets = [o + 1 + i % 3 for i, o in enumerate(offsets)]
+    ids = [zlib.crc32(f"t{i}".encode()) for i in range(len(shapes))]
+    ref = [torch.empty(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    got = [torch.empty_like(t) for t in ref]
+    rerandomize_(ref, seed=4, step=7, init=laws, ids=ids, offsets=offsets, impl="torch")
+    codes, shifts, scales = zip(*(law.lower(tuple(t.shape)) for law, t in zip(laws, got)))
+    key = philox.derive_key(4, 7)
+    args = dict(k0=key[0], k1=key[1], codes=list(codes), shifts=list(shifts), scales=list(scales), ids=ids,
+                offsets=offsets)
+    rerandomize_launch(got, **args, block_g=16, row_iters=3, num_warps=1)
+    for i, (a, b, law) in enumerate(zip(ref, got, laws)):
+        _assert_same_draw(a, b, law, f"tensor {i}")
+    assert not ref[2].any() and float(ref[3].abs().max()) < 1.0
+    meta, rows, _ = _metadata(got, list(codes), list(shifts), list(scales), ids, offsets, 48)
+    g0, n_el = meta[:, 3], meta[:, 2] - meta[:, 1]              # first group, elements of each row
+    last = g0 + (n_el + 3) // 4 - 1
+    assert rows == meta.shape[0] and bool((n_el <= 4 * 48).all())
+    assert bool((g0 // GROUP_SPAN == last // GROUP_SPAN).all())   # no row crosses 2^32 groups
+    assert int((g0 % GROUP_SPAN == 0).sum()) == 4                 # tensor 0 at group 0; 1, 3, 5 cut
+    law_of = {int(r[0]): int(r[5]) for r in meta}                # address -> kernel law code
+    assert [law_of[t.data_ptr()] for t in got] == [2, 1, 1, 3, 2, 1]   # zeros as uniform; 1e-35 unfolded
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_shard_invariance(impl):
     full = torch.empty(10, 13)
@@ -251,6 +287,17 @@ def test_cuda_matches_cpu():
     cpu = torch.empty(1 << 24, dtype=torch.bfloat16)
     rerandomize_([cpu], seed=1, step=1, init=Uniform(-1, 1), offsets=[(1 << 33) + 1], impl="torch")
     assert torch.equal(big.cpu(), cpu)
+    # the kernel's hardware bf16/fp16 rounding, its multi-chunk rows (cut at 2^32 groups) and the
+    # unfolded uniform law, on 2^22 elements per tensor, against the PyTorch path on the CPU
+    laws = [Normal(0.1, 3.0), Normal(), Uniform(0.0, 1e-35), Uniform(-2.0, 2.0)]
+    offsets = [0, (1 << 34) - (1 << 20), 3, (1 << 34) + 4]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        gpu = [torch.empty(1 << 22, device="cuda", dtype=dtype) for _ in laws]
+        cpu = [torch.empty(1 << 22, dtype=dtype) for _ in laws]
+        rerandomize_(gpu, seed=5, step=2, init=laws, offsets=offsets, impl="triton")
+        rerandomize_(cpu, seed=5, step=2, init=laws, offsets=offsets, impl="torch")
+        for i, (a, b, law) in enumerate(zip(cpu, gpu, laws)):
+            _assert_same_draw(a, b.cpu(), law, f"{dtype} tensor {i}")
 
 
 def test_overlapping_tensors_are_rejected():

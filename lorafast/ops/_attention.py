@@ -15,6 +15,9 @@ ones). Causal with TQ > TK would leave rows with no visible key: it raises Value
   The output is ``[B, H, T, D]`` laid out in ``[B, T, H, D]`` memory, so
   ``out.transpose(1, 2).reshape(B, T, H * D)`` is free. Gradients of dense inputs keep their
   strides; gradients of non-dense inputs (such as qkv views) come back in ``[B, T, H, D]`` memory.
+  The backward is one fused kernel with dQ accumulated by fp32 atomic adds (dq's last bits vary
+  run to run); ``deterministic=True`` selects separate dK/dV and dQ kernels, bitwise
+  reproducible. Any B * H (1-D launch grids).
 * ``impl="torch"`` calls ``torch.nn.functional.scaled_dot_product_attention``
   (``is_causal=True`` when TQ == TK, else an explicit bottom-right boolean mask, since SDPA's
   ``is_causal`` aligns top-left when TQ != TK).
@@ -39,9 +42,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class AttentionOptions:
     causal: bool
     scale: float
+    deterministic: bool = False
 
 
-def _validate(q, k, v, causal, scale) -> AttentionOptions:
+def _validate(q, k, v, causal, scale, deterministic) -> AttentionOptions:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -79,7 +83,9 @@ def _validate(q, k, v, causal, scale) -> AttentionOptions:
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
-    return AttentionOptions(causal=causal, scale=float(scale))
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attention: deterministic must be a bool, got {type(deterministic).__name__}")
+    return AttentionOptions(causal=causal, scale=float(scale), deterministic=deterministic)
 
 
 def _attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions) -> torch.Tensor:
@@ -112,7 +118,8 @@ def _empty_grad(x: torch.Tensor) -> torch.Tensor:
 # ---- torch.library ops (the Triton path) ---------------------------------------------------
 @torch.library.custom_op("lorafast::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic: unused here, carried to the backward through setup_context
     from lorafast.kernels.attention import attention_forward
 
     B, H, T, _ = q.shape
@@ -123,7 +130,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, deterministic):
     B, H, T, _ = q.shape
     return _out_like(q), q.new_empty((B, H, T), dtype=torch.float32)
 
@@ -131,28 +138,30 @@ def _(q, k, v, causal, scale):
 @torch.library.custom_op("lorafast::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                   need_dq: bool, need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   need_dq: bool, need_dkdv: bool,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from lorafast.kernels.attention import attention_backward
 
     dq = _grad_like(q) if need_dq else None
     dk = _grad_like(k) if need_dkdv else None
     dv = _grad_like(v) if need_dkdv else None
-    attention_backward(do, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale)
+    attention_backward(do, q, k, v, out, lse, dq, dk, dv, causal=causal, scale=scale,
+                       deterministic=deterministic)
     return (dq if dq is not None else _empty_grad(q), dk if dk is not None else _empty_grad(k),
             dv if dv is not None else _empty_grad(v))
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, causal, scale, need_dq, need_dkdv):
+def _(do, q, k, v, out, lse, causal, scale, need_dq, need_dkdv, deterministic):
     return (_grad_like(q) if need_dq else _empty_grad(q), _grad_like(k) if need_dkdv else _empty_grad(k),
             _grad_like(v) if need_dkdv else _empty_grad(v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.opts = AttentionOptions(causal=causal, scale=scale)
+    ctx.opts = AttentionOptions(causal=causal, scale=scale, deterministic=deterministic)
     ctx.mark_non_differentiable(lse)
 
 
@@ -161,15 +170,15 @@ def _backward(ctx, dout, _dlse):
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     need_dkdv = need_k or need_v
     dq, dk, dv = torch.ops.lorafast.attention_bwd(
-        dout, q, k, v, out, lse, ctx.opts.causal, ctx.opts.scale, need_q, need_dkdv)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+        dout, q, k, v, out, lse, ctx.opts.causal, ctx.opts.scale, need_q, need_dkdv, ctx.opts.deterministic)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions) -> torch.Tensor:
-    out, _ = torch.ops.lorafast.attention_fwd(q, k, v, opts.causal, opts.scale)
+    out, _ = torch.ops.lorafast.attention_fwd(q, k, v, opts.causal, opts.scale, opts.deterministic)
     return out
 
 
@@ -178,16 +187,20 @@ _BACKENDS = {"triton": _attention_triton, "torch": _attention_torch}
 
 # ---- public op ------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+              scale: float | None = None, impl: str = "auto", deterministic: bool = False) -> torch.Tensor:
     """``softmax(scale * q @ k^T [+ causal mask]) @ v`` for q ``[B, H, TQ, D]``, k, v ``[B, H, TK, D]``.
 
     Args: q, k, v one dtype (fp16 / bf16 / fp32), one device, any strides, same B, H and D,
     k and v one shape; ``causal`` masks key j > query i + TK - TQ (bottom-right aligned; needs
     TQ <= TK); ``scale`` defaults to ``D ** -0.5``; ``impl`` "auto" | "triton" | "torch" (see
     :mod:`lorafast.ops._dispatch`: the Triton kernels take 16 <= D <= 128, "auto" runs other
-    head dims on the PyTorch path). Returns ``[B, H, TQ, D]`` in the input dtype.
+    head dims on the PyTorch path). ``deterministic`` (Triton path): a bitwise reproducible
+    backward (separate dK/dV and dQ kernels, 7 GEMMs per tile pair) instead of the default
+    one-launch backward, whose fp32 atomic adds into dQ make dq's last bits vary run to run
+    (out, dk and dv are reproducible either way); the PyTorch path ignores it. Returns
+    ``[B, H, TQ, D]`` in the input dtype. Any B * H: the kernels' grids are 1-D.
     Differentiable in q, k, v. Raises ValueError / TypeError on bad input before any launch,
     and RuntimeError (environment) or ValueError (head dim) when impl="triton" cannot run.
     """
-    opts = _validate(q, k, v, causal, scale)
+    opts = _validate(q, k, v, causal, scale, deterministic)
     return _BACKENDS[select_backend("attention", impl, q, k, v)](q, k, v, opts)

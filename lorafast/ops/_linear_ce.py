@@ -12,8 +12,9 @@ returns; internally fp32, rounded once at the store).
 
 Out-of-range targets (not ``ignore_index`` and outside [0, V)) never become addresses: the
 kernels only compare targets with column indices. ``check`` chooses when they are reported:
-``None`` (default) raises ValueError eagerly for CPU tensors (free there) and, for CUDA tensors,
-adds no host sync: such rows get a NaN loss (and NaN reaches the mean/sum), computed on device;
+``None`` (default) raises ValueError eagerly for CPU tensors (free there; not under
+``torch.compile``, where it would break the graph) and, for CUDA tensors, adds no host sync:
+such rows get a NaN loss (and NaN reaches the mean/sum), computed on device;
 ``True`` always validates eagerly (one host sync on CUDA); ``False`` never raises (NaN rows only).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LinearCEOptions:
     ignore_index: int = -100
     reduction: str = "mean"
     check: Optional[bool] = None
+    filter_eps: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +94,14 @@ def _validate_ce(h, weight, bias, targets, opts: LinearCEOptions) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {opts.reduction!r}")
     if isinstance(opts.ignore_index, bool) or not isinstance(opts.ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(opts.ignore_index).__name__}")
-    eager = opts.check if opts.check is not None else h.device.type == "cpu"
+    eps = opts.filter_eps
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"{op}: filter_eps must be None or a float, got {type(eps).__name__}")
+        if not 0 < eps < 1:
+            raise ValueError(f"{op}: filter_eps must lie in (0, 1), got {eps}")
+    # default: eager on CPU (free there), except under torch.compile, where it would be a graph break
+    eager = opts.check if opts.check is not None else (h.device.type == "cpu" and not torch.compiler.is_compiling())
     if eager and targets.numel():
         bad = _bad_targets(targets, weight.shape[0], opts.ignore_index)
         if bool(bad.any()):  # one sync on CUDA, only with check=True
@@ -236,14 +245,15 @@ def _lse_torch(h, weight, bias, targets):
     return _torch_lse(h, weight, bias, _safe_targets(targets, weight.shape[0]))
 
 
-def _bwd_triton(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+def _bwd_triton(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db, filter_eps):
     from lorafast.kernels.linear_ce import ce_backward
 
     return ce_backward(h, weight, bias.contiguous() if bias is not None else None, targets.contiguous(),
-                       lse.contiguous(), g.contiguous(), need_dh, need_dw, need_db)
+                       lse.contiguous(), g.contiguous(), need_dh, need_dw, need_db, filter_eps)
 
 
-def _bwd_torch(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db):
+def _bwd_torch(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db, filter_eps):
+    # exact gradients: the gradient filter is a Triton-path speed option
     return _torch_ce_backward(h, weight, bias, _safe_targets(targets, weight.shape[0]), lse, g,
                               need_dh, need_dw, need_db)
 
@@ -253,7 +263,7 @@ def _register_ce(backend: str, lse_fn, bwd_fn):
 
     @torch.library.custom_op(f"lorafast::linear_ce_fwd_{backend}", mutates_args=())
     def fwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ignore_index: int, filter_eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss per row fp32 [N]: 0 where ignored, NaN where the target is out of range; lse fp32 [N])."""
         if h.shape[0] == 0:
             e = h.new_empty((0,), dtype=torch.float32)
@@ -266,48 +276,49 @@ def _register_ce(backend: str, lse_fn, bwd_fn):
         return loss, lse
 
     @fwd.register_fake
-    def _(h, weight, bias, targets, ignore_index):
+    def _(h, weight, bias, targets, ignore_index, filter_eps=None):
         return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32)
 
     @torch.library.custom_op(f"lorafast::linear_ce_bwd_{backend}", mutates_args=())
     def bwd(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
             lse: torch.Tensor, grad_rows: torch.Tensor, need_dh: bool, need_dw: bool,
-            need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_db: bool, filter_eps: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dh, dW, db) in the input dtype; an empty tensor stands for a gradient not asked for."""
         need_db = need_db and bias is not None
         if h.shape[0] == 0:
             dh, dw = torch.zeros_like(h), torch.zeros_like(weight)
             db = torch.zeros_like(bias) if need_db else h.new_empty((0,))
         else:
-            dh, dw, db = bwd_fn(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db)
+            dh, dw, db = bwd_fn(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db, filter_eps)
         empty = lambda: h.new_empty((0,))  # noqa: E731  (outputs must not alias each other)
         return (dh.to(h.dtype) if need_dh else empty(), dw.to(h.dtype) if need_dw else empty(),
                 db.to(h.dtype) if need_db else empty())
 
     @bwd.register_fake
-    def _(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db):
+    def _(h, weight, bias, targets, lse, grad_rows, need_dh, need_dw, need_db, filter_eps=None):
         empty = lambda: h.new_empty((0,))  # noqa: E731
         need_db = need_db and bias is not None
         return (torch.empty_like(h) if need_dh else empty(), torch.empty_like(weight) if need_dw else empty(),
                 torch.empty_like(bias) if need_db else empty())
 
     def setup_context(ctx, inputs, output):
-        h, weight, bias, targets, ignore_index = inputs
+        h, weight, bias, targets, ignore_index, filter_eps = inputs
         ctx.save_for_backward(h, weight, bias, targets, output[1])
         ctx.ignore_index = ignore_index
+        ctx.filter_eps = filter_eps
 
     def backward(ctx, grad_loss, grad_lse):
         h, weight, bias, targets, lse = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = bool(need_db and bias is not None)
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         # d loss_n / d z = (softmax - onehot) on counted rows; ignored rows are constant 0, and so
         # are rows with an out-of-range target (NaN loss under check=None on CUDA): no wrong gradient.
         valid = (targets != ctx.ignore_index) & ~_bad_targets(targets, weight.shape[0], ctx.ignore_index)
         g = torch.where(valid, grad_loss.float(), torch.zeros_like(lse))
-        dh, dw, db = bwd(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db)
-        return dh if need_dh else None, dw if need_dw else None, db if need_db else None, None, None
+        dh, dw, db = bwd(h, weight, bias, targets, lse, g, need_dh, need_dw, need_db, ctx.filter_eps)
+        return dh if need_dh else None, dw if need_dw else None, db if need_db else None, None, None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -341,7 +352,8 @@ _SOFTMAX_BACKENDS = {"triton": _softmax_triton, "torch": _torch_softmax}
 # ----------------------------------------------------------------------------------------------
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          targets: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                         impl: str = "auto", check: Optional[bool] = None) -> torch.Tensor:
+                         impl: str = "auto", check: Optional[bool] = None,
+                         filter_eps: Optional[float] = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias), targets)`` without the N x V logits.
 
     h [..., D], weight [V, D], bias [V] or None, targets int64 [...] (h.shape[:-1]).
@@ -350,16 +362,22 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     scalar for "mean"/"sum", the per-position losses (targets' shape) for "none".
     ``check``: see the module docstring (None: eager ValueError on CPU, NaN rows on CUDA; such
     rows take no gradient).
-    Triton backward: dh, dW, db accumulate in fp32 with atomic adds, so they vary run to run in
-    the last fp32 bits (the PyTorch path is deterministic); dW is accumulated one vocabulary chunk
-    of 8192 rows at a time, so the fp32 accumulators take 4 * (N + min(V, 8192)) * D bytes.
+    Triton backward: softmax-gradient chunks reduced by GEMMs with fp32 accumulation (dh, dW
+    deterministic; db sums with atomic adds, so it varies run to run in the last fp32 bits);
+    extra memory about 4 * N * D bytes (fp32 dh) plus a 2**26-element chunk buffer (at most 1/8
+    of the logits) and a 32 MiB fp32 staging of dW rows.
     ``impl``: "auto" | "triton" | "torch" (see :func:`lorafast.ops._dispatch.select_backend`).
+    ``filter_eps``: None (default, exact) or a float in (0, 1): the Triton backward skips, for dh
+    and dW, the tiles whose softmax gradient |softmax - onehot| is below it everywhere (Cut
+    Cross-Entropy's gradient filter; error bound in :mod:`lorafast.kernels.linear_ce`); worth it
+    on a trained model's confident logits. The PyTorch path ignores it (exact gradients).
     """
-    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, check=check)
+    opts = LinearCEOptions(ignore_index=ignore_index, reduction=reduction, check=check, filter_eps=filter_eps)
     _validate_ce(h, weight, bias, targets, opts)
     fwd = _CE_BACKENDS[select_backend("linear_cross_entropy", impl, h, weight, targets)]
     lead = targets.shape
-    loss, _ = fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index)
+    loss, _ = fwd(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), opts.ignore_index,
+                  None if opts.filter_eps is None else float(opts.filter_eps))
     if opts.reduction == "none":
         return loss.reshape(lead)
     if opts.reduction == "sum":

@@ -109,6 +109,8 @@ def _rerandomize_torch(tensors, k0, k1, codes, shifts, scales, ids, offsets, rou
     """The reference: all tensors' groups walked in chunks of ``philox.chunk_groups(device)``
     groups, so that many small tensors share one vectorised Philox evaluation."""
     device = tensors[0].device
+    if device.type == "cpu" and philox.fill_cpu_(tensors, (k0, k1), rounds, codes, shifts, scales, ids, offsets):
+        return                                # the C++ extension; else the numpy path below
     chunk_size = philox.chunk_groups(device)
     pieces: list[tuple[int, int, int]] = []   # (tensor index, first group, number of groups)
     for i, t in enumerate(tensors):
