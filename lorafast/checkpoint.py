@@ -12,9 +12,10 @@ A run folder ``OUT`` holds::
         tokenizer.json, ...        the tokenizer's files, if it has any (lorafast.tokenizer)
         optimizer.safetensors      one process: "optimizer/<parameter name>/<state key>" tensors
                                    and the extra tensors of the run (e.g. "rng/batch")
-        shard-0000R-model-00001-of-00001.safetensors
+        shards/shard-0000R-model-00001-of-00001.safetensors
                                    several processes (torch.distributed.checkpoint): the same
-                                   tensors, each rank writing its own shard
+                                   tensors, each rank writing its own shard; at the end of the
+                                   run also model.safetensors, the whole weights
     latest -> checkpoints/step-00000250
     config.json -> latest/config.json, model.safetensors -> latest/model.safetensors, ...
 
@@ -56,7 +57,7 @@ __all__ = ["CheckpointError", "CHECKPOINTS", "LATEST", "OPTIMIZER", "RUN_ENTRIES
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 OPTIMIZER = "optimizer.safetensors"
-SHARD_PREFIX = "shard-"  # torch.distributed.checkpoint's safetensors files, one per writing rank
+SHARDS = "shards"  # several processes: torch.distributed.checkpoint's safetensors files, one per writing rank
 LEGACY_OPTIMIZER = "optimizer.pt"  # first layout: torch.save'd, read back with weights_only=True
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # What a run folder holds that a run writes (the only entries --overwrite removes).
@@ -164,7 +165,7 @@ def _commit(out: str, tmp: str, final: str, keep: int) -> None:
     os.rename(tmp, final)
     _fsync_dir(root)
     _symlink_over(os.path.relpath(final, out), os.path.join(out, LATEST))
-    model_files = {n for n in os.listdir(final) if n != OPTIMIZER and not n.startswith(SHARD_PREFIX)}
+    model_files = {n for n in os.listdir(final) if n not in (OPTIMIZER, SHARDS)}
     for name in model_files:  # config.json, model.safetensors, the tokenizer's files
         _symlink_over(os.path.join(LATEST, name), os.path.join(out, name))
     for name in os.listdir(out):  # links to files the newest checkpoint does not have
@@ -197,14 +198,25 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _tensor_folder(folder: str) -> str:
+    """Where the tensors to resume from are: the shards of several processes, else the folder."""
+    shards = os.path.join(folder, SHARDS)
+    return shards if os.path.isdir(shards) else folder
+
+
 def _tensor_files(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    """The safetensors files a reader of checkpoint ``folder`` would read, relative to it."""
+    names = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
+    if os.path.isdir(os.path.join(folder, SHARDS)):
+        names += [f"{SHARDS}/{n}" for n in os.listdir(os.path.join(folder, SHARDS)) if n.endswith(".safetensors")]
+    return sorted(names)
 
 
 def _file_records(folder: str, world: World) -> dict[str, dict[str, Any]]:
-    """Bytes and sha256 of every file in ``folder`` but config.json (tensors, tokenizer), hashed
-    by the ranks in turn."""
-    names = sorted(n for n in os.listdir(folder) if n != CONFIG)
+    """Bytes and sha256 of every file in ``folder`` (and its shards) but config.json (tensors,
+    tokenizer), hashed by the ranks in turn."""
+    names = sorted({n for n in os.listdir(folder) if n not in (CONFIG, SHARDS)} |
+                   {n for n in _tensor_files(folder) if n.startswith(SHARDS + "/")})
     mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": _sha256(os.path.join(folder, n))}
             for n in names[world.rank::world.size]}
     out: dict[str, dict[str, Any]] = {}
@@ -288,12 +300,15 @@ def _json_safe(x: Any) -> Any:
 
 def save(out: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
          meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, keep: int = 1,
-         skip: set[str] | frozenset = frozenset()) -> str:
+         skip: set[str] | frozenset = frozenset(), full_model: bool = False) -> str:
     """Write the checkpoint of ``step`` into run folder ``out`` (every rank calls it): the model
     (``model``: the bare or FSDP2-sharded model, without the names in ``skip``), the optimizer
-    state, the extra ``tensors`` (same on every rank) and ``meta`` (JSON: the model folder keys,
-    "train", "trainer"). Keeps the newest ``keep`` checkpoints. Returns the folder. Raises
-    OSError when the folder cannot be written (the previous checkpoint is then untouched)."""
+    state, the extra ``tensors`` (same on every rank) and ``meta`` (JSON: "train", "trainer").
+    Several processes write shards; ``full_model`` then also gathers the whole weights into a
+    ``model.safetensors`` on rank 0 (every rank takes part), so that the checkpoint is a model
+    folder for ``from_pretrained`` too (the end of a run). Keeps the newest ``keep`` checkpoints.
+    Returns the folder. Raises OSError when the folder cannot be written (the previous
+    checkpoint is then untouched)."""
     root = os.path.join(out, CHECKPOINTS)
     name = step_dir_name(step)
     tmp = os.path.join(root, f".tmp-{name}")
@@ -317,7 +332,17 @@ def save(out: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
-        dcp.save({**model_state, **opt_state, **extra}, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+        dcp.save({**model_state, **opt_state, **extra},
+                 storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, SHARDS), save_distributed=True))
+        if full_model:
+            from safetensors.torch import save_file
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if world.is_main:
+                whole = {k: v.contiguous() for k, v in full.items() if k not in skip}
+                atomic_write(os.path.join(tmp, WEIGHTS), lambda p: save_file(whole, p))
+            del full
     tok = getattr(model, "tokenizer", None)
     if world.is_main and tok is not None:
         tok.save_pretrained(tmp)
@@ -348,7 +373,7 @@ def _read_tensors(folder: str, targets: dict[str, torch.Tensor]) -> None:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(targets, storage_reader=HuggingFaceStorageReader(folder), no_dist=single)
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(_tensor_folder(folder)), no_dist=single)
     except Exception as e:  # noqa: BLE001 - any failure of the reader: one line naming the folder
         msg = _first_line(e)
         if hasattr(e, "failures"):  # CheckpointException: per-rank failures
@@ -373,7 +398,7 @@ def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, world:
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     try:
-        saved = set(HuggingFaceStorageReader(folder).read_metadata().state_dict_metadata)
+        saved = set(HuggingFaceStorageReader(_tensor_folder(folder)).read_metadata().state_dict_metadata)
     except Exception as e:  # noqa: BLE001 - a header verify() could not vouch for
         raise CheckpointError(f"{folder}: unreadable tensor files ({_first_line(e)})") from None
     model_state = _model_tensors(model, set(skip), world)

@@ -608,13 +608,14 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
             if bad != _NONE:
                 raise NonFiniteLossError(bad, cfg.out, last_checkpoint)
 
-    def save() -> None:
+    def save(final: bool = False) -> None:
         nonlocal last_checkpoint
         check_finite()  # never save parameters a non-finite step went through
         trainer = {"grad_scaler": scaler.state_dict() if scaler.is_enabled() else None, "skipped_steps": skipped,
                    "data_sha256": corpus.digest, "torch": torch.__version__}
         checkpoint.save(cfg.out, done, bare, opt, world, {"train": _saved_form(cfg), "trainer": trainer},
-                        {"rng/batch": rng_at_done}, keep=cfg.keep_checkpoints, skip=regenerated)
+                        {"rng/batch": rng_at_done}, keep=cfg.keep_checkpoints, skip=regenerated,
+                        full_model=final)  # several processes: the whole weights too, at the end
         last_checkpoint = done
 
     try:
@@ -687,7 +688,7 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         if metrics is not None:
             metrics.close()
     elapsed = time.perf_counter() - t_start
-    save()
+    save(final=True)
     sample = _sample(cfg, net, bare, world, regenerated)
     if sample is not None:
         print(f"--- sample ---\n{sample}\n--------------")

@@ -125,7 +125,9 @@ def test_dcp_checkpoint_of_2_ranks_resumes_on_2_and_on_1(job):
     root = job["root"]
     ck = root / "fsdp-cut" / "checkpoints" / "step-00000006"
     meta = json.load(open(ck / "config.json"))
-    assert meta["sharded"] and meta["world_size"] == 2 and len(meta["files"]) == 2
+    assert meta["sharded"] and meta["world_size"] == 2
+    assert sorted(meta["files"]) == ["model.safetensors", "shards/shard-00001-model-00001-of-00001.safetensors",
+                                     "shards/shard-00002-model-00001-of-00001.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
     for name in [*meta["files"], "config.json"]:  # every rank's shard follows the umask too
@@ -138,7 +140,23 @@ def test_dcp_checkpoint_of_2_ranks_resumes_on_2_and_on_1(job):
     from lorafast.train import load_checkpoint
 
     model, meta = load_checkpoint(str(root / "fsdp"), reference=True)  # generate reads sharded checkpoints too
-    assert meta["step"] == 6 and torch.isfinite(model(torch.randint(0, 256, (1, 8)))).all()
+    x = torch.randint(0, 256, (1, 8))
+    assert meta["step"] == 6 and torch.isfinite(model(x)).all()
+    from lorafast.reference import LoRA
+
+    whole = LoRA.from_pretrained(str(root / "fsdp"))  # the run's final weights, gathered into a model folder
+    assert torch.equal(whole(x), model(x))
+    import shutil  # a checkpoint from the middle of a run has the shards only: generate reads them
+
+    shards_only = root / "shards-only"
+    shutil.copytree(ck, shards_only)
+    os.remove(shards_only / "model.safetensors")
+    meta = json.load(open(shards_only / "config.json"))
+    del meta["files"]["model.safetensors"]
+    json.dump(meta, open(shards_only / "config.json", "w"))
+    from_shards, _ = load_checkpoint(str(shards_only), reference=True)
+    full_cut = LoRA.from_pretrained(str(root / "fsdp-cut"))
+    assert torch.equal(from_shards(x), full_cut(x))
 
 
 def test_only_rank_0_prints(job):
