@@ -359,7 +359,7 @@ def test_threads_flag_and_header(tmp_path, capsys):
     assert rc == 0 and "1 thread" in err and "(step 2)" in err, err
 
 
-@pytest.mark.parametrize("command", ["train", "generate"])
+@pytest.mark.parametrize("command", ["train", "generate", "finetune"])
 def test_help_gives_every_flag_a_text_and_its_default_once(command):
     import argparse
 
@@ -377,5 +377,5 @@ def test_help_gives_every_flag_a_text_and_its_default_once(command):
             continue
         assert text.count("default") == 1, (action.option_strings, text)
         checked += 1
-    assert checked >= (30 if command == "train" else 8)
+    assert checked >= {"train": 30, "generate": 8, "finetune": 10}[command]
     assert "torchrun --nproc_per_node=N -m lorafast train" in sub.format_help() if command == "train" else True
