@@ -1,106 +1,194 @@
 """The ``train``, ``generate`` and ``finetune`` commands of ``lorafast``.
 
-``lorafast train`` parses its flags straight into :class:`lorafast.train.TrainConfig` (one flag
-per field, same name with dashes), so the CLI and the importable loop cannot drift apart. The
-``lorafast`` command itself (:mod:`lorafast.__main__`) sends ``lorafast bench`` to the benchmark
-package, which sits above this layer; this module does not import it.
+Each command parses its flags straight into a dataclass (:class:`lorafast.train.TrainConfig`,
+:class:`GenerateConfig`: one flag per field, same name with dashes, the field's help and
+checks), so the CLI and the importable code cannot drift apart. The ``lorafast`` command itself
+(:mod:`lorafast.__main__`) sends ``lorafast bench`` to the benchmark package, which sits above
+this layer; this module does not import it.
+
+Every failure is one line on stderr, ``lorafast: error: <what>``, naming the file or flag at
+fault, with exit status 2; ``--debug`` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 import typing
 
+from lorafast.checks import SEED_RANGE
+from lorafast.train import option
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+_EPILOG = """\
+several processes (one node, or several: see the README):
+  torchrun --nproc_per_node=N -m lorafast train [flags]   # DDP; add --fsdp to shard
+  --batch-size is the global batch: each process takes batch-size / N sequences."""
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """The flags of ``lorafast generate``."""
+
+    checkpoint: str = option(None, "run folder or checkpoint written by lorafast train (--out), or a model "
+                             "folder", required=True)
+    prompt: str = option("", "text to continue (default: a newline)")
+    max_new_tokens: int = option(200, "tokens to generate", range=(0, 1 << 31))
+    temperature: float = option(0.8, "sampling temperature (0 picks the most likely token)",
+                                real=(0.0, float("inf"), "[)"))
+    top_k: int | None = option(None, "sample among the k most likely tokens only (default: no cut)",
+                               range=(1, 1 << 31))
+    seed: int = option(0, "seed of the sampling generator", range=SEED_RANGE)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    reference: bool = option(False, "load into the pure-PyTorch reference model")
+    threads: int | None = option(None, "CPU threads of PyTorch's ops (default: PyTorch's choice, one per core)",
+                                 range=(1, 1 << 16))
+
+    def __post_init__(self) -> None:
+        from lorafast.train import check_options
+
+        check_options(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``lorafast: error: message (see prog --help)``, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"lorafast: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, given_only: bool = False) -> None:
+    """One flag per field of ``cls``; its help ends with the default, exactly once.
+    ``given_only``: no defaults, so that parsing yields only the flags typed."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
+        md = f.metadata
+        default = argparse.SUPPRESS if given_only else f.default
         kind = hints[f.name]
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        p.add_argument(flag, type=base, default=f.default, choices=f.metadata.get("choices"),
-                       help=help_, metavar=None if "choices" in f.metadata else f.name.upper())
+            a = p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=md.get("help", ""))
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            a = p.add_argument(flag, type=base, default=default, choices=md.get("choices"),
+                               required=md.get("required", False) and not given_only, help=md.get("help", ""),
+                               metavar=None if "choices" in md else f.name.upper())
+        if not md.get("required") and "default" not in a.help.lower() and "%(default)" not in a.help:
+            a.help += " (default: %(default)s)"
 
 
-def _train(args: argparse.Namespace) -> int:
-    from lorafast.train import TrainConfig, train
+def _fields(cls: type, ns: argparse.Namespace) -> dict[str, typing.Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(ns).items() if k in names}
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    from lorafast.train import TrainConfig, resume_config, train
+
+    if args.resume:  # the run's saved settings, then the flags typed on the command line
+        given = _fields(TrainConfig, build_parser(given_only=True).parse_args(argv))
+        cfg = resume_config(given)
+    else:
+        cfg = TrainConfig(**_fields(TrainConfig, args))
     train(cfg)
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from lorafast.train import load_checkpoint, resolve_device
+    cfg = GenerateConfig(**_fields(GenerateConfig, args))
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _sample_text(cfg)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs inside other programs (and tests)
 
-    device = resolve_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device, reference=args.reference)
+
+def _sample_text(cfg: GenerateConfig) -> int:
+    import torch
+
+    from lorafast.train import load_checkpoint, resolve_device, thread_count
+
+    device = resolve_device(cfg.device)
+    model, meta = load_checkpoint(cfg.checkpoint, device, reference=cfg.reference)
     tok = model.tokenizer  # the checkpoint's own (bytes for old folders of vocabulary 256)
     if tok is None:
-        raise ValueError(f"{args.checkpoint}: the checkpoint names no tokenizer, so the prompt cannot be encoded")
-    prompt = tok.encode(args.prompt or "\n")[None].to(device)  # [1, P]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
+        raise ValueError(f"{cfg.checkpoint}: the checkpoint names no tokenizer, so the prompt cannot be encoded")
+    print(f"lorafast: {cfg.checkpoint} (step {meta['step']}), device {device}, {thread_count()}",
+          file=sys.stderr)
+    prompt = tok.encode(cfg.prompt or "\n")[None].to(device)  # [1, P]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = model.generate(prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
     print(tok.decode(out[0]))
     return 0
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
     from lorafast.finetune import FinetuneConfig, finetune
 
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    finetune(FinetuneConfig(**_fields(FinetuneConfig, args)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     from lorafast.finetune import FinetuneConfig
     from lorafast.train import TrainConfig
 
-    p = argparse.ArgumentParser(prog="lorafast", description="Transformer LM with Local Random Initialization "
-                                "(not low-rank adaptation), on fused Triton kernels.")
+    p = _Parser(prog="lorafast", description="Transformer LM with Local Random Initialization "
+                "(not low-rank adaptation), on fused Triton kernels.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train on the built-in corpus or --data FILE",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_dataclass_flags(t, TrainConfig)
+    t = sub.add_parser("train", help="train on the built-in corpus or --data FILE", epilog=_EPILOG,
+                       description="Train a model (one process, or one per rank under torchrun).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataclass_flags(t, TrainConfig, given_only)
     t.set_defaults(func=_train)
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--checkpoint", required=True, help="folder written by lorafast train (--out)")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--reference", action="store_true", help="load into the pure-PyTorch reference model")
+    g = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Sample text from a checkpoint or model folder.")
+    _add_dataclass_flags(g, GenerateConfig, given_only)
     g.set_defaults(func=_generate)
     f = sub.add_parser("finetune", help="fine-tune a checkpoint for text classification (--data CSV/JSONL, or the "
-                       "built-in demo task)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_dataclass_flags(f, FinetuneConfig)
+                       "built-in demo task)")
+    _add_dataclass_flags(f, FinetuneConfig, given_only)
     f.set_defaults(func=_finetune)
+    for s in (t, g, f):
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if given_only else False,
+                       help="show the traceback of an error (default: off)")
     sub.add_parser("bench", help="benchmarks and the static compile report (see lorafast bench --help)",
                    add_help=False)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of an error, on one line: known kinds (bad settings, files or checkpoints,
+    a stopped run) as they are, which name the file or flag; anything else with its type."""
+    from lorafast.train import NonFiniteLossError, RankFailure
+
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(e, (ValueError, TypeError, OSError, NonFiniteLossError, RankFailure)) and first:
+        return first
+    return f"{type(e).__name__}: {first} (--debug shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"lorafast: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args, argv)
     except KeyboardInterrupt:
+        print("lorafast: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure: one line, exit status 2
+        if args.debug:
+            traceback.print_exc()
+        print(f"lorafast: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -204,6 +204,24 @@ class LocalTensor:
         return getattr(self.module, self.attr)
 
 
+def shard_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The part of ``t`` this process holds and the flat index of its first element in the full
+    tensor: ``(t, 0)`` for a plain tensor; for a DTensor (e.g. a parameter sharded by FSDP2's
+    ``fully_shard``) its local shard and that shard's offset, so that the redraw writes exactly
+    the values the unsharded tensor would hold there. Raises ValueError for a sharding whose local
+    part is not one contiguous range of the flattened tensor (anything but whole rows)."""
+    if not hasattr(t, "device_mesh"):  # not a DTensor: no need to import torch.distributed
+        return t, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape[1:]) != tuple(t.shape[1:]) or any(offset[1:]) or tuple(local.shape) != tuple(shape):
+        raise ValueError(f"local tensor of shape {tuple(t.shape)} sharded as {t.placements}: only "
+                         "dim-0 (row) shards can be redrawn in place")
+    return local, offset[0] * math.prod(t.shape[1:]) if local.numel() else 0
+
+
 class LocalTensors:
     """The local tensors of one model and the draw each one holds.
 
@@ -301,8 +319,9 @@ class LocalTensors:
                 reinitialised.append(t.tensor)
             by_draw.setdefault(d, []).append(t)
         for d, group in sorted(by_draw.items()):
-            rerandomize_([t.tensor for t in group], seed=self.seed, step=d, init=[t.law for t in group],
-                         ids=[t.stream for t in group], impl=impl)
+            shards = [shard_of(t.tensor) for t in group]  # a sharded tensor refills its own shard only
+            rerandomize_([s for s, _ in shards], seed=self.seed, step=d, init=[t.law for t in group],
+                         ids=[t.stream for t in group], offsets=[o for _, o in shards], impl=impl)
             for t in group:
                 self.current_draw[t.name] = d
         return reinitialised

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,179 @@ def test_gpt2_baseline_trains_with_the_same_step():
     assert abs(losses[0] - math.log(64)) < 0.3 and losses[-1] < losses[0] - 0.5
     with pytest.raises(ValueError, match="embedding_dim"):
         gpt2_like(ModelConfig(64, 16, 32, 1))
+
+
+# ------------------------------------------------------------------ issue 13: the training commands
+SMALL = ["--reference", "--batch-size", "4", "--seq-len", "16", "--hidden-dim", "32", "--embedding-dim", "32",
+         "--num-layers", "2", "--eval-every", "0", "--no-progress", "--sample-tokens", "0", "--threads", "1"]
+
+
+def _run(capsys, *argv):
+    """``lorafast ARGV`` in this process: (exit status, stdout, stderr)."""
+    from lorafast.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("lorafast: error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def _ranged_options():
+    from lorafast.cli import GenerateConfig
+
+    for cls in (TrainConfig, GenerateConfig):
+        for f in __import__("dataclasses").fields(cls):
+            if "range" in f.metadata or "real" in f.metadata:
+                yield cls, f
+
+
+@pytest.mark.parametrize("cls,field", list(_ranged_options()), ids=lambda x: getattr(x, "name", getattr(x, "__name__", "")))
+def test_every_numeric_option_is_range_checked(cls, field):
+    from lorafast.checks import _bound
+
+    base = {"checkpoint": "x"} if cls.__name__ == "GenerateConfig" else {}
+    if "range" in field.metadata:
+        lo, hi = field.metadata["range"]
+        for bad in (lo - 1, hi):
+            with pytest.raises(ValueError, match=re.escape(f"{field.name} = {bad} is out of range [{lo}, {_bound(hi)})")):
+                cls(**base, **{field.name: bad})
+        with pytest.raises(TypeError, match=field.name):
+            cls(**base, **{field.name: 1.5})
+        cls(**base, **{field.name: hi - 1 if field.name == "seed" else lo})  # the ends of the range pass
+    else:
+        lo, hi, brackets = field.metadata["real"]
+        for bad in ([lo] if brackets[0] == "(" else [lo - 1]) + [float("nan"), float("inf")]:
+            with pytest.raises(ValueError, match=rf"{field.name} = .* is out of range"):
+                cls(**base, **{field.name: bad})
+
+
+def test_cli_rejects_out_of_range_values_in_one_line(capsys):
+    rc, _, err = _run(capsys, "train", "--seed", str(2 ** 64))
+    _one_line_error(rc, err, "seed = 18446744073709551616 is out of range [0, 2^64)")
+    rc, _, err = _run(capsys, "generate", "--checkpoint", "x", "--top-k", "0")
+    _one_line_error(rc, err, "top_k = 0 is out of range [1, 2^31)")
+    rc, _, err = _run(capsys, "train", "--steps", "many")
+    _one_line_error(rc, err, "--steps", "invalid int value")
+
+
+def test_resume_restores_the_run_and_refuses_other_settings(tmp_path, capsys):
+    data = tmp_path / "my.txt"
+    data.write_text("a small text to train on. " * 200)
+    out = str(tmp_path / "mine")
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "4", "--lr", "0.01", "--out", out)
+    assert rc == 0, err
+    # the README's example: only --out and --resume (and a longer run)
+    rc, _, err = _run(capsys, "train", "--out", out, "--resume", "--steps", "6", "--no-progress")
+    assert rc == 0, err
+    assert "resuming" in err and "now ends at step 6 instead of 4" in err
+    assert f"data: {data}" in err and "1 thread" in err  # the saved data and settings, not the defaults
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["step"] == 6 and saved["train"]["lr"] == 0.01 and saved["train"]["data"] == str(data)
+    assert saved["train"]["batch_size"] == 4 and saved["model"]["hidden_dim"] == 32
+    for flag, value, want in [("--batch-size", "8", "--batch-size 4, not 8"), ("--lr", "0.003", "--lr 0.01, not 0.003"),
+                              ("--data", str(tmp_path / "other.txt"), f"--data '{data}', not '{tmp_path / 'other.txt'}'"),
+                              ("--hidden-dim", "64", "another model configuration")]:
+        rc, _, err = _run(capsys, "train", "--out", out, "--resume", "--steps", "8", flag, value)
+        _one_line_error(rc, err, want)
+    rc, _, err = _run(capsys, "train", "--out", out, "--resume", "--steps", "5")
+    _one_line_error(rc, err, "--steps 5", "already at step 6")
+    data.write_text("other text " * 300)
+    rc, _, err = _run(capsys, "train", "--out", out, "--resume", "--steps", "8")
+    _one_line_error(rc, err, "the data changed")
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_one(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    data = tmp_path / "t.txt"
+    data.write_text("hello world. " * 300)
+    assert _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "4", "--out", out)[0] == 0
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "2", "--out", out)
+    _one_line_error(rc, err, f"--out {out} already holds a run (checkpoint of step 4)", "--resume", "--overwrite")
+    assert json.load(open(os.path.join(out, "config.json")))["step"] == 4  # untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "2", "--out", str(tmp_path / "other"))
+    _one_line_error(rc, err, "already holds 1 files")
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "2", "--out", out, "--overwrite")
+    assert rc == 0, err
+    assert json.load(open(os.path.join(out, "config.json")))["step"] == 2
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 1, 2]
+    rc, _, err = _run(capsys, "train", "--out", out, "--resume", "--overwrite")
+    _one_line_error(rc, err, "--resume", "--overwrite")
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "no checkpoint", "a file"])
+def test_resume_with_nothing_to_resume_fails(tmp_path, capsys, state):
+    out = tmp_path / "run"
+    if state == "empty":
+        out.mkdir()
+    elif state == "no checkpoint":
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    elif state == "a file":
+        out.write_text("x")
+    rc, _, err = _run(capsys, "train", "--out", str(out), "--resume")
+    _one_line_error(rc, err, f"--resume: nothing to resume: {out}")
+    assert not (out / "checkpoints").exists() if out.is_dir() else True
+
+
+@pytest.mark.parametrize("content,says", [
+    (b"", "the file is empty"),
+    (b"text\x00\x01\x02binary", "a binary file, not text (NUL byte at offset 4, line 1)"),
+    (b"caf\xe9 latin-1\n", "not UTF-8 text (byte 0xe9 at offset 3, line 1)"),
+    (None, "is a folder, not a text file"),
+    ("missing", "no such file"),
+])
+def test_bad_data_files_are_reported_when_loaded(tmp_path, capsys, content, says):
+    path = tmp_path / "data.txt"
+    if content is None:
+        path.mkdir()
+    elif content != "missing":
+        path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(says)):
+        load_corpus(str(path))
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(path), "--out", str(tmp_path / "run"))
+    _one_line_error(rc, err, f"data file {path}: {says}")
+    assert not (tmp_path / "run").exists()  # validated before the run folder is touched
+
+
+def test_threads_flag_and_header(tmp_path, capsys):
+    before = torch.get_num_threads()
+    data = tmp_path / "t.txt"
+    data.write_text("hello world. " * 300)
+    out = str(tmp_path / "run")
+    rc, _, err = _run(capsys, "train", *SMALL, "--data", str(data), "--steps", "2", "--out", out)
+    assert rc == 0 and ", 1 thread" in err, err
+    assert torch.get_num_threads() == before  # train() gives the caller's setting back
+    rc, text, err = _run(capsys, "generate", "--checkpoint", out, "--threads", "1", "--max-new-tokens", "3",
+                         "--reference")
+    assert rc == 0 and "1 thread" in err and "(step 2)" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "finetune"])
+def test_help_gives_every_flag_a_text_and_its_default_once(command):
+    import argparse
+
+    from lorafast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    fmt = argparse.HelpFormatter(command)
+    checked = 0
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = fmt._expand_help(action)
+        assert text.strip(), action.option_strings
+        if action.required:
+            continue
+        assert text.count("default") == 1, (action.option_strings, text)
+        checked += 1
+    assert checked >= {"train": 30, "generate": 8, "finetune": 10}[command]
+    assert "torchrun --nproc_per_node=N -m lorafast train" in sub.format_help() if command == "train" else True
