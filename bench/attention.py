@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from lorafast.bench import common
+from lorafast.config import DTYPES
 
 FACTORY = "lorafast.bench.attention:setup"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                   "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
 _FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -54,7 +54,7 @@ def flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
 def bytes_moved(B: int, H: int, T: int, D: int, dtype: str, mode: str) -> float:
     """Compulsory HBM bytes of one call: each input read once, each output written once."""
     rows = B * H * T
-    tile = rows * D * _DTYPES[dtype].itemsize   # one [B, H, T, D] tensor
+    tile = rows * D * DTYPES[dtype].itemsize   # one [B, H, T, D] tensor
     fwd = 4 * tile + 4 * rows                   # q, k, v -> o; lse fp32
     bwd = 8 * tile + 4 * rows                   # q, k, v, o, dO, lse -> dq, dk, dv
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
@@ -90,9 +90,9 @@ def setup(B: int, H: int, T: int, D: int, causal: bool = True, dtype: str = "bfl
     """Build one case; the returned zero-argument callable runs it once (``.params``: leaves)."""
     fn, ctx = _attn_fn(provider, causal)
     g = torch.Generator(device=device).manual_seed(0)
-    qkv = torch.randn(B, T, 3 * H * D, device=device, generator=g).to(_DTYPES[dtype])
+    qkv = torch.randn(B, T, 3 * H * D, device=device, generator=g).to(DTYPES[dtype])
     qkv.requires_grad_(mode != "fwd")
-    do = torch.randn(B, H, T, D, device=device, generator=g).to(_DTYPES[dtype])
+    do = torch.randn(B, H, T, D, device=device, generator=g).to(DTYPES[dtype])
 
     def forward():
         q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)   # 3 x [B, H, T, D] views
@@ -192,7 +192,7 @@ def tune(device: str = "cuda", B: int = 4, H: int = 16, T: int = 4096, D: int = 
     when the inputs allow them (they do here: views of one qkv tensor)."""
     from lorafast.kernels import attention as ka
 
-    dt = _DTYPES[dtype]
+    dt = DTYPES[dtype]
     qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dt)
     q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
     do = torch.randn(B, T, H, D, device=device, dtype=dt).transpose(1, 2)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from lorafast.bench import common
+from lorafast.config import DTYPES
 
 FACTORY = "lorafast.bench.linear_ce:setup"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _liger_loss():
@@ -83,7 +83,7 @@ def setup(N: int, V: int, D: int, dtype: str = "float32", device: str = "cpu", p
     if warm and provider != "compile":
         setup(8, min(V, 256), D, dtype, device, provider, mode, bias, warm=False)()
 
-    dt = _DTYPES[dtype]
+    dt = DTYPES[dtype]
     if mode == "softmax":
         h, w, b, _ = _inputs(N, V, D, dt, device, bias, grad=False)
         if provider == "fused":
@@ -132,12 +132,23 @@ def setup(N: int, V: int, D: int, dtype: str = "float32", device: str = "cpu", p
 def _providers(device: str, quick: bool, logits: str = "random") -> list[str]:
     if logits == "peaked":
         return ["fused", "fused_filter", "eager"]
-    out = ["fused", "eager"]
-    if not (quick and device == "cpu"):
-        out.append("compile")  # CPU inductor compile takes a minute: only in the full run there
-    if device.startswith("cuda") and _liger_loss() is not None:
-        out.append("liger")
-    return out
+    return ["fused", "eager", "compile", "liger"]  # the last two may be skipped: unavailable()
+
+
+def unavailable(provider: str, device: str, quick: bool) -> str | None:
+    """Why ``provider`` is not run on ``device`` (one line), or None when it runs."""
+    if provider == "compile":
+        why = common.compile_unavailable(device)
+        if why:
+            return why
+        if quick and not device.startswith("cuda"):
+            return "CPU: inductor compiles for about a minute here; only in full runs (--full)"
+    if provider == "liger":
+        if not device.startswith("cuda"):
+            return "Liger-Kernel's fused linear cross-entropy runs on CUDA only"
+        if _liger_loss() is None:
+            return "liger_kernel is not installed (pip install liger-kernel)"
+    return None
 
 
 def _hbm_bytes(provider: str, mode: str, N: int, V: int, D: int, elem: int) -> float:
@@ -185,7 +196,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
         time_shapes = [(1024, 8192, 128)] if quick else [(1024, 8192, 128), (4096, 32768, 128)]
         mem_shapes = [(8192, 32768, 128)]  # the issue's CPU memory goal
         peaked_shapes = []  # the CPU path ignores filter_eps
-    elem = torch.finfo(_DTYPES[dtype]).bits // 8
+    elem = torch.finfo(DTYPES[dtype]).bits // 8
     cases = [(m, "random", s) for m in ("fwd_bwd", "softmax") for s in mem_shapes]
     cases += [("fwd_bwd", "peaked", s) for s in peaked_shapes]
     tcases = [(m, "random", s) for m in ("fwd_bwd", "softmax") for s in time_shapes]
@@ -208,10 +219,17 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     # parent's high-water mark (kept across fork/exec), which the CPU measurement would inherit.
     for mode, logits, (N, V, D) in cases:
         for p in provs(mode, logits):
+            why = unavailable(p, device, quick)
+            if why:
+                record(p, mode, logits, N, V, D)["skipped"] = why
+                continue
             kw = dict(N=N, V=V, D=D, dtype=dtype, device=device, provider=p, mode=mode, logits=logits)
             record(p, mode, logits, N, V, D)["peak_mb"] = common.peak_memory(FACTORY, kw, device) / 2**20
     for mode, logits, (N, V, D) in tcases:
         for p in provs(mode, logits):
+            if unavailable(p, device, quick):
+                record(p, mode, logits, N, V, D)["skipped"] = unavailable(p, device, quick)
+                continue
             kw = dict(N=N, V=V, D=D, dtype=dtype, device=device, provider=p, mode=mode, logits=logits)
             fn = setup(**kw)
             t = common.time_fn(fn, device, grad_to_none=getattr(fn, "params", None))
@@ -241,7 +259,7 @@ def filter_survival(N: int, V: int, D: int, logits: str = "peaked", dtype: str =
     the kernel sorts it (``_vocab_order``) and unsorted. No GPU needed; it counts work, not time."""
     from lorafast.kernels.linear_ce import _vocab_order
 
-    eps = torch.finfo(_DTYPES[dtype]).eps / 32
+    eps = torch.finfo(DTYPES[dtype]).eps / 32
     h, w, b, y = _inputs(N, V, D, torch.float32, device, True, grad=False, logits=logits)
     valid = y != -100
     dz = torch.softmax(torch.addmm(b, h, w.t()), -1)
