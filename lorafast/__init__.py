@@ -1,4 +1,4 @@
-"""lorafast: a Transformer LM trained with Local Random Initialization, on fused Triton kernels.
+"""lorafast: a Transformer LM trained with Local Random Initialization, and fused Triton kernels for it.
 
 "LoRA" here is *Local Random Initialization* (some parameters are randomly re-initialised at
 every batch), not low-rank adaptation. ``lorafast.LoRA`` is the accelerated model, a drop-in for

@@ -137,8 +137,9 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     from lorafast.finetune import FinetuneConfig
     from lorafast.train import TrainConfig
 
-    p = _Parser(prog="lorafast", description="Transformer LM with Local Random Initialization "
-                "(not low-rank adaptation), on fused Triton kernels.")
+    p = _Parser(prog="lorafast", description="Train and use a Transformer LM with Local Random "
+                "Initialization (not low-rank adaptation). On a GPU its ops run lorafast's fused Triton "
+                "kernels; on a CPU, their PyTorch paths.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on the built-in corpus or --data FILE", epilog=_EPILOG,
                        description="Train a model (one process, or one per rank under torchrun).",
