@@ -12,7 +12,7 @@ LAYERS = [  # lowest first; a dotted prefix names every module below it
     {"lorafast.ops"},
     {"lorafast.local", "lorafast.config"},
     {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2"},
-    {"lorafast.corpus", "lorafast.train", "lorafast.cli", "lorafast.compile_gate"},
+    {"lorafast.corpus", "lorafast.train", "lorafast.cli", "lorafast.compile_gate", "lorafast.study"},
     {"lorafast.bench", "lorafast.__main__"},
 ]
 SOURCES = {"lorafast": "lorafast", "lorafast.kernels": "kernels", "lorafast.bench": "bench"}
