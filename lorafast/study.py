@@ -30,7 +30,7 @@ in two regimes, with every seed:
     whose step count equals ``--steps`` reuses its ``steps`` records (the same computation).
 
 Each run is a fresh process (``--jobs`` at a time, ``--threads`` intra-op threads each) that
-writes one JSON record ``OUT/runs/<regime>/<config>/seed<k>.json``; a study that is interrupted
+writes one JSON record ``OUT/records/<regime>/<config>/seed<k>.json``; a study that is interrupted
 continues where it stopped (finished records are kept), and ``--report-only`` regenerates the
 report from the records alone: ``OUT/REPORT.md`` (tables, verdicts, the proposed default
 preset), ``OUT/summary.json``, the plots ``OUT/val_bpb_vs_step.png`` and
@@ -72,6 +72,7 @@ GPT2 = "gpt2"
 VAL_SEED = 20261129  # one fixed validation set for every configuration and seed (paired comparisons)
 REGIMES = ("steps", "time")
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+RECORDS = "records"  # OUT/records/<regime>/<config>/seed<k>.json
 PLOTS = {"steps": "val_bpb_vs_step.png", "time": "val_bpb_vs_time.png"}
 
 # Custom configurations: a larger share of the parameters local than any preset, in the
@@ -492,7 +493,7 @@ class Study:
         local = study_configs(self.num_layers)[config]
         spec = {"config": config, "regime": regime, "local": None if local is None else local.to_dict(),
                 "train": self.train_fields(seed, steps), "eval_steps": evals, "threads": self.threads,
-                "jobs": self.jobs, "path": os.path.join(self.out, "runs", regime, config, f"seed{seed}.json")}
+                "jobs": self.jobs, "path": os.path.join(self.out, RECORDS, regime, config, f"seed{seed}.json")}
         if plan is not None:
             spec.update(clock=plan["clock"], budget_s=plan["budget_s"])
         return spec
@@ -600,9 +601,9 @@ def _read(path: str, missing_ok: bool = False) -> dict[str, Any] | None:
 # Statistics, report, plots
 # --------------------------------------------------------------------------------------------
 def load_records(out: str) -> list[dict[str, Any]]:
-    """Every record under ``out/runs`` (sorted by regime, config, seed)."""
+    """Every record under ``out/records`` (sorted by regime, config, seed)."""
     recs = []
-    root = os.path.join(out, "runs")
+    root = os.path.join(out, RECORDS)
     for dirpath, _, files in os.walk(root):
         recs += [_read(os.path.join(dirpath, f)) for f in files if f.endswith(".json")]
     return sorted(recs, key=lambda r: (r["regime"], r["config"], r["seed"]))
@@ -944,7 +945,7 @@ def report(out: str, readme: str | None = None, log=print) -> dict[str, Any]:
     plots, and (``readme``) the README section between the study markers. Returns the summary."""
     records = load_records(out)
     if not records:
-        raise ValueError(f"no study records under {os.path.join(out, 'runs')}: run `lorafast study --out {out}` first")
+        raise ValueError(f"no study records under {os.path.join(out, RECORDS)}: run `lorafast study --out {out}` first")
     summary = summarize(records)
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
@@ -999,7 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at a time, each in a fresh process (default: min(2, cores // threads) on CPU, 1 on CUDA; "
                         "0: one after another in this process)")
     p.add_argument("--report-only", action="store_true", help="train nothing: regenerate the report and plots from the records")
-    p.add_argument("--fresh", action="store_true", help="delete the records (and plan) in --out first")
+    p.add_argument("--fresh", action="store_true", help="delete the records in --out first (a new study from scratch)")
     p.add_argument("--readme", default=None, help="also fill the study section of this README (between the study markers)")
     return p
 
@@ -1015,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
                           eval_batches=args.eval_batches, dtype=args.dtype, device=args.device, clock=args.clock,
                           budget_s=args.budget_s, threads=args.threads, jobs=args.jobs)
             if args.fresh:
-                shutil.rmtree(os.path.join(args.out, "runs"), ignore_errors=True)
+                shutil.rmtree(os.path.join(args.out, RECORDS), ignore_errors=True)
             t0 = time.perf_counter()
             n = study.run()
             print(f"study: {n} runs in {time.perf_counter() - t0:.0f} s")

@@ -104,7 +104,7 @@ def test_study_smoke(tmp_path, capsys):
     assert study.main(["--out", out, "--configs", "none,ffn-alt", *TINY_FLAGS]) == 0
     for regime in study.REGIMES:
         for config in ("none", "ffn-alt"):
-            rec = json.load(open(os.path.join(out, "runs", regime, config, "seed0.json")))
+            rec = json.load(open(os.path.join(out, study.RECORDS, regime, config, "seed0.json")))
             assert rec["regime"] == regime and rec["config"] == config and rec["seed"] == 0
             assert [p["step"] for p in rec["curve"]][0] == 0 and rec["curve"][-1]["step"] == rec["steps"]
             for key in ("val_bpb", "seconds", "cpu_seconds"):
@@ -113,8 +113,8 @@ def test_study_smoke(tmp_path, capsys):
             for key in ("tokens_per_s", "trainable_params", "optimizer_state_bytes", "checkpoint_bytes", "state_bytes"):
                 assert rec[key] > 0, key
             assert rec["flops_per_step"]["total"] > 0 and rec["step_ms"]["median"] > 0
-    steps = json.load(open(os.path.join(out, "runs", "steps", "ffn-alt", "seed0.json")))
-    base = json.load(open(os.path.join(out, "runs", "steps", "none", "seed0.json")))
+    steps = json.load(open(os.path.join(out, study.RECORDS, "steps", "ffn-alt", "seed0.json")))
+    base = json.load(open(os.path.join(out, study.RECORDS, "steps", "none", "seed0.json")))
     assert steps["trainable_params"] < base["trainable_params"]
     assert steps["flops_per_step"]["total"] < base["flops_per_step"]["total"]
     for name in study.PLOTS.values():
@@ -135,7 +135,7 @@ def test_report_only_without_records(tmp_path, capsys):
     assert "no study records" in capsys.readouterr().err
 
 
-needs_results = pytest.mark.skipif(not os.path.isdir(os.path.join(RESULTS, "runs")), reason="no committed study records")
+needs_results = pytest.mark.skipif(not os.path.isdir(os.path.join(RESULTS, study.RECORDS)), reason="no committed study records")
 
 
 @needs_results
@@ -150,7 +150,7 @@ def test_committed_record_is_reproducible():
     """Re-train the first evaluation interval of ffn-alt, seed 0, from its record's own spec:
     the validation figure agrees (bit-identical on one machine; 2e-3 bits/byte allows for other
     CPUs' kernels over the steps)."""
-    rec = json.load(open(os.path.join(RESULTS, "runs", "steps", "ffn-alt", "seed0.json")))
+    rec = json.load(open(os.path.join(RESULTS, study.RECORDS, "steps", "ffn-alt", "seed0.json")))
     spec = {**rec["spec"], "train": {**rec["spec"]["train"], "device": "cpu"}}
     first = rec["curve"][1]
     again = study.run_one(spec, stop_after=first["step"])
