@@ -62,6 +62,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from lorafast.config import DTYPES
 from lorafast.hub import write_json
 from lorafast.local import DEFAULT_PRESET, PRESETS, LocalConfig, LocalRule, resolve_local
 from lorafast.reference import LocalLinear
@@ -73,6 +74,7 @@ VAL_SEED = 20261129  # one fixed validation set for every configuration and seed
 REGIMES = ("steps", "time")
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 RECORDS = "records"  # OUT/records/<regime>/<config>/seed<k>.json
+CALIBRATION = "calibration.json"  # OUT/calibration.json: interleaved step times of the equal-time plan
 PLOTS = {"steps": "val_bpb_vs_step.png", "time": "val_bpb_vs_time.png"}
 
 # Custom configurations: a larger share of the parameters local than any preset, in the
@@ -300,7 +302,7 @@ def run_one(spec: dict[str, Any], stop_after: int | None = None) -> dict[str, An
     val_gen = torch.Generator().manual_seed(VAL_SEED)
     val = [tuple(t.to(device) for t in corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen))
            for _ in range(cfg.eval_batches)]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else _null()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     _warm_up(spec, cfg, device)  # imports and the libraries' lazy set-up are not the model's memory
@@ -409,6 +411,54 @@ def _quantiles(seconds: list[float]) -> dict[str, float]:
     return {"median": 1e3 * statistics.median(xs), "p20": q(0.2), "p80": q(0.8)}
 
 
+def calibrate(specs: list[dict[str, Any]], rounds: int = 5, steps_per_round: int = 6,
+              warmup: int = 3) -> dict[str, Any]:
+    """Median step time (ms, wall and process CPU) of each run of ``specs`` (one per
+    configuration), measured in this process *interleaved*: ``rounds`` times, each configuration
+    in turn takes ``steps_per_round`` training steps (after ``warmup`` untimed ones), so that a
+    change of load on a shared machine touches every configuration alike. The equal-time plan
+    uses these times: the steps regime's runs, hours apart on a busy machine, are not comparable."""
+    from lorafast.corpus import load_corpus
+    from lorafast.train import TrainConfig, lr_at, make_optimizer, resolve_device, train_step
+
+    torch.set_num_threads(specs[0]["threads"])
+    load0 = _loadavg()
+    runs = []
+    for spec in specs:
+        cfg = TrainConfig(**spec["train"])
+        device = resolve_device(cfg.device)
+        model = build_model(spec["config"], spec["local"], cfg).to(device)
+        runs.append((spec["config"], cfg, device, model, make_optimizer(cfg, model)))
+    corpus = load_corpus(None, min_len=runs[0][1].seq_len)
+    gen = torch.Generator().manual_seed(VAL_SEED + 1)
+    batches = [corpus.batch("train", runs[0][1].batch_size, runs[0][1].seq_len, gen) for _ in range(4)]
+    wall: dict[str, list[float]] = {c: [] for c, *_ in runs}
+    cpu: dict[str, list[float]] = {c: [] for c, *_ in runs}
+    step = 0
+    for r in range(rounds + 1):  # round 0: warm-up, not timed
+        for name, cfg, device, model, opt in runs:
+            dtype = DTYPES[cfg.dtype]
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else _null()
+            for k in range(warmup if r == 0 else steps_per_round):
+                x, y = (t.to(device) for t in batches[(step + k) % len(batches)])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_step(model, opt, x, y, step + k, lr_at(cfg, step + k), autocast=autocast, grad_clip=cfg.grad_clip)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if r:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+        step += steps_per_round
+    return {"wall_ms": {c: 1e3 * statistics.median(v) for c, v in wall.items()},
+            "cpu_ms": {c: 1e3 * statistics.median(v) for c, v in cpu.items()},
+            "rounds": rounds, "steps_per_round": steps_per_round,
+            "env": {"machine": machine(runs[0][2]), "threads": torch.get_num_threads(), "commit": _git_commit(),
+                    "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "loadavg_start": load0, "loadavg_end": _loadavg()}}
+
+
 def _run_in_child(spec: dict[str, Any]) -> str:
     run_one(spec)
     return spec["path"]
@@ -506,7 +556,7 @@ class Study:
         # the time regime needs the step times of the steps regime: that one runs first in any case
         ran = self._execute([self.spec(c, s, "steps", self.steps) for c in self.configs for s in self.seeds], log)
         if "time" in self.regimes:
-            plan = self.time_plan()
+            plan = self.time_plan(self.calibration(log))
             log(f"study: equal-time budget {plan['budget_s']:.1f} s ({plan['clock']} clock): "
                 + ", ".join(f"{c} {n}" for c, n in plan["steps"].items()) + " steps")
             todo = []
@@ -521,18 +571,30 @@ class Study:
             ran += self._execute(todo, log)
         return ran
 
-    def time_plan(self) -> dict[str, Any]:
-        """Steps per configuration for the equal-time regime, from the step times measured in
-        the steps regime (median over seeds of each run's median step time on ``clock``)."""
-        key = "step_ms" if self.clock == "wall" else "step_cpu_ms"
-        step_s = {}
-        for c in self.configs:
-            recs = [_read(self.spec(c, s, "steps", self.steps)["path"]) for s in self.seeds]
-            step_s[c] = statistics.median(r[key]["median"] for r in recs) / 1e3
+    def time_plan(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """Steps per configuration for the equal-time regime: ``round(budget / step time)``, with
+        the step times of ``calibration`` (:meth:`calibration`) on ``clock`` and the budget
+        ``--budget-s`` or the time ``none`` takes for ``steps`` steps."""
+        step_s = {c: calibration["cpu_ms" if self.clock == "cpu" else "wall_ms"][c] / 1e3 for c in self.configs}
         ref = REFERENCE if REFERENCE in step_s else self.configs[0]
         budget = self.budget_s if self.budget_s is not None else self.steps * step_s[ref]
         steps = {c: max(1, round(budget / t)) for c, t in step_s.items()}
         return {"clock": self.clock, "budget_s": budget, "reference": ref, "step_seconds": step_s, "steps": steps}
+
+    def calibration(self, log=print) -> dict[str, Any]:
+        """Step times of every configuration for the equal-time plan, measured once
+        (:func:`calibrate`) and kept in ``OUT/calibration.json`` for a resumed study."""
+        path = os.path.join(self.out, CALIBRATION)
+        specs = [self.spec(c, self.seeds[0], "steps", self.steps) for c in self.configs]
+        key = [identity(s) for s in specs]
+        old = _read(path, missing_ok=True)
+        if old is not None and old["specs"] == key:
+            return old
+        log(f"study: timing {len(specs)} configurations, interleaved, for the equal-time plan")
+        cal = {**calibrate(specs), "specs": key}
+        os.makedirs(self.out, exist_ok=True)
+        write_json(path, cal)
+        return cal
 
     def _reuse(self, steps_spec: dict[str, Any], spec: dict[str, Any]) -> None:
         rec = _read(steps_spec["path"])
@@ -619,13 +681,14 @@ def compare(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     (paired: same batches, same validation set), its spread, and the verdict. A difference
     smaller than the larger of the two configurations' spreads over seeds is a ``tie``;
     otherwise ``better`` (lower) or ``worse``. With one seed there is no spread: the verdict is
-    ``better``/``worse`` with ``n == 1``."""
+    ``better``/``worse`` with ``n == 1``. ``lower``: the seeds where ``a`` is below ``b``."""
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
     delta, d_spread = mean_spread(d)
     spread = max(mean_spread([a[s] for s in seeds])[1], mean_spread([b[s] for s in seeds])[1])
     verdict = "tie" if abs(delta) < spread else ("better" if delta < 0 else "worse")
-    return {"delta": delta, "delta_spread": d_spread, "spread": spread, "verdict": verdict, "n": len(seeds)}
+    return {"delta": delta, "delta_spread": d_spread, "spread": spread, "verdict": verdict, "n": len(seeds),
+            "lower": sum(x < 0 for x in d)}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -737,7 +800,8 @@ def _pct(x: float, ref: float) -> str:
 def _cmp_cell(cmp: dict[str, Any] | None) -> str:
     if cmp is None:
         return "–"
-    return f"{cmp['delta']:+.3f} ± {cmp['delta_spread']:.3f} ({cmp['verdict']})"
+    side = f"lower in {cmp['lower']}/{cmp['n']}" if cmp["delta"] < 0 else f"higher in {cmp['n'] - cmp['lower']}/{cmp['n']}"
+    return f"{cmp['delta']:+.3f} ± {cmp['delta_spread']:.3f} ({cmp['verdict']}; {side} seeds)"
 
 
 def render_report(summary: dict[str, Any], image_dir: str = ".") -> str:
@@ -759,7 +823,8 @@ def render_report(summary: dict[str, Any], image_dir: str = ".") -> str:
                    "re-run on a quiet machine**." if load[1] > 1.5 * (cores or 1) else "."))
     lines = [
         f"Measured {env['first'][:10]}{'' if env['first'][:10] == env['last'][:10] else ' to ' + env['last'][:10]} (UTC) on {', '.join(env['machine'])} "
-        f"({', '.join(env['device'])}, {', '.join(map(str, env['threads']))} thread(s) per run), torch "
+        f"({', '.join(env['device'])}, {', '.join(map(str, env['threads']))} thread(s) per run, "
+        f"{env.get('jobs') or 1} run(s) at a time), torch "
         f"{', '.join(env['torch'])}, transformers {', '.join(env['transformers'])}, commit {', '.join(env['commit'])}.{busy}",
         "",
     ]
@@ -1017,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
                           budget_s=args.budget_s, threads=args.threads, jobs=args.jobs)
             if args.fresh:
                 shutil.rmtree(os.path.join(args.out, RECORDS), ignore_errors=True)
+                if os.path.isfile(os.path.join(args.out, CALIBRATION)):
+                    os.remove(os.path.join(args.out, CALIBRATION))
             t0 = time.perf_counter()
             n = study.run()
             print(f"study: {n} runs in {time.perf_counter() - t0:.0f} s")

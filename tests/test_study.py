@@ -64,27 +64,16 @@ def test_compare_tie_rule():
     assert study.mean_spread([1.0, 2.0, 3.0]) == (2.0, 1.0)
 
 
-def _fake_record(s, config, seed, ms, bpb):
-    spec = s.spec(config, seed, "steps", s.steps)
-    os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
-    with open(spec["path"], "w") as f:
-        json.dump({"spec": spec, "step_ms": {"median": ms}, "step_cpu_ms": {"median": ms / 2},
-                   "final_val_bpb": bpb, "seed": seed}, f)
-
-
 def test_equal_time_plan(tmp_path):
     s = study.Study(out=str(tmp_path), configs=("none", "ffn-alt", "merge"), seeds=(0, 1, 2), steps=100)
-    for seed, noise in zip((0, 1, 2), (1.0, 1.1, 0.9)):
-        _fake_record(s, "none", seed, 200 * noise, 2.0)
-        _fake_record(s, "ffn-alt", seed, 180 * noise, 2.0)
-        _fake_record(s, "merge", seed, 400 * noise, 2.0)
-    plan = s.time_plan()
-    assert plan["budget_s"] == pytest.approx(100 * 0.2)  # none's median step time x steps
+    cal = {"wall_ms": {"none": 200.0, "ffn-alt": 180.0, "merge": 400.0}, "cpu_ms": {"none": 100.0, "ffn-alt": 100.0, "merge": 100.0}}
+    plan = s.time_plan(cal)
+    assert plan["budget_s"] == pytest.approx(100 * 0.2)  # none's step time x steps
     assert plan["steps"] == {"none": 100, "ffn-alt": 111, "merge": 50}
     spec = s.spec("merge", 0, "time", 50, plan)
     assert spec["eval_steps"] == [25, 50] and spec["train"]["steps"] == 50  # 2 evaluations, as in the steps regime
-    cpu = study.Study(out=str(tmp_path), configs=("none", "merge"), steps=100, clock="cpu", budget_s=3.0).time_plan()
-    assert cpu["steps"] == {"none": 30, "merge": 15}
+    cpu = study.Study(out=str(tmp_path), configs=("none", "merge"), steps=100, clock="cpu", budget_s=3.0).time_plan(cal)
+    assert cpu["steps"] == {"none": 30, "merge": 30}
 
 
 def test_bad_study_settings():
@@ -124,7 +113,10 @@ def test_study_smoke(tmp_path, capsys):
     assert "| `none` |" in text and "| `ffn-alt` |" in text and "**Default preset.**" in text
     capsys.readouterr()
     assert study.main(["--out", out, "--configs", "none,ffn-alt", *TINY_FLAGS]) == 0
-    assert "study: 0 runs" in capsys.readouterr().out  # resumed: nothing left to run
+    log = capsys.readouterr().out
+    assert "study: 0 runs" in log and "timing" not in log  # resumed: nothing left to run, calibration kept
+    cal = json.load(open(os.path.join(out, study.CALIBRATION)))
+    assert set(cal["wall_ms"]) == set(cal["cpu_ms"]) == {"none", "ffn-alt"} and min(cal["cpu_ms"].values()) > 0
     os.remove(os.path.join(out, "REPORT.md"))
     assert study.main(["--out", out, "--report-only"]) == 0
     assert open(os.path.join(out, "REPORT.md")).read() == text
