@@ -24,10 +24,12 @@ in two regimes, with every seed:
     Equal training-time budget: the time ``none`` takes for ``--steps`` steps. Each
     configuration gets ``round(budget / its step time)`` steps, with the schedule fitted to that
     length (a cosine schedule cut short by a timer would handicap the faster configurations).
-    Step times are the medians measured in the ``steps`` regime (on ``--clock wall``, or
-    ``cpu``: process CPU time, steadier on a shared machine), so that a stall of the machine
-    does not cut one run short; each record carries the time it actually took. A configuration
-    whose step count equals ``--steps`` reuses its ``steps`` records (the same computation).
+    Step times are medians from one interleaved timing of every configuration in one process
+    (:func:`calibrate`, kept in ``OUT/calibration.json``; on ``--clock wall``, or ``cpu``:
+    process CPU time, steadier on a shared machine), so that neither a stall of the machine
+    cuts one run short nor a change of load between runs made hours apart tilts the plan; each
+    record carries the time its run actually took. A configuration whose step count equals
+    ``--steps`` reuses its ``steps`` records (the same computation).
 
 Each run is a fresh process (``--jobs`` at a time, ``--threads`` intra-op threads each) that
 writes one JSON record ``OUT/records/<regime>/<config>/seed<k>.json``; a study that is interrupted
@@ -691,10 +693,21 @@ def compare(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
             "lower": sum(x < 0 for x in d)}
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summary_of(out: str) -> dict[str, Any]:
+    """:func:`summarize` of the records and the calibration in ``out``."""
+    records = load_records(out)
+    if not records:
+        raise ValueError(f"no study records under {os.path.join(out, RECORDS)}: run `lorafast study --out {out}` first")
+    return summarize(records, _read(os.path.join(out, CALIBRATION), missing_ok=True))
+
+
+def summarize(records: list[dict[str, Any]], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Aggregates of the records: per regime and configuration, the final bits/byte by seed, its
     mean and spread, comparisons with ``none`` and ``gpt2``, costs (deterministic ones from
-    any seed, timings as medians over seeds), mean curves; plus the proposed default preset."""
+    any seed, timings as medians over seeds), mean curves; plus the proposed default preset.
+    ``calibration`` (:func:`calibrate`): its interleaved step times become the step-time costs
+    (``time_ms``, ``time_cpu_ms``, ``time_tokens_per_s``; else the runs' medians), since runs made
+    at different times of a shared machine's load are not comparable."""
     by: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         by.setdefault(r["regime"], {}).setdefault(r["config"], []).append(r)
@@ -725,6 +738,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "weight_grad_skipped": r0["flops_per_step"]["weight_grad_skipped"],
                 "curve": _mean_curve(rs),
             }
+            cal = calibration is not None and c in calibration["wall_ms"]
+            tokens = r0["spec"]["train"]["batch_size"] * r0["spec"]["train"]["seq_len"]
+            rows[c]["time_ms"] = calibration["wall_ms"][c] if cal else rows[c]["step_ms"]
+            rows[c]["time_cpu_ms"] = calibration["cpu_ms"][c] if cal else rows[c]["step_cpu_ms"]
+            rows[c]["time_tokens_per_s"] = tokens / rows[c]["time_ms"] * 1e3
+            rows[c]["time_source"] = "calibration" if cal else "runs"
         for c, row in rows.items():
             for ref in (REFERENCE, GPT2):
                 if ref in rows and ref != c:
@@ -735,6 +754,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                                                                 "eval_batches", "dtype")} if records else {}
     if "steps" in by and by["steps"]:
         out["setup"]["steps"] = next(iter(by["steps"].values()))[0]["steps"]
+    out["calibration_env"] = calibration.get("env") if calibration else None
     out["default"] = propose_default(out)
     return out
 
@@ -785,8 +805,8 @@ def propose_default(summary: dict[str, Any]) -> dict[str, Any] | None:
     pick = min(tied, key=lambda c: (rows[c]["flops_per_step"], rows[c]["mean"]))
     return {"preset": pick, "regime": regime, "best_mean": best, "tied_with_best": sorted(tied),
             "current": DEFAULT_PRESET,
-            "vs_none": {rg: summary["regimes"][rg][pick].get(f"vs_{REFERENCE}") for rg in summary["regimes"]
-                        if pick in summary["regimes"][rg]}}
+            **{f"vs_{ref}": {rg: summary["regimes"][rg][pick].get(f"vs_{ref}") for rg in summary["regimes"]
+                             if pick in summary["regimes"][rg]} for ref in (REFERENCE, GPT2)}}
 
 
 def _mb(b: float | None) -> str:
@@ -859,7 +879,10 @@ def render_report(summary: dict[str, Any], image_dir: str = ".") -> str:
                     f"{_cmp_cell(t.get('vs_gpt2'))} |" if t else " – | – | – | – |")
         lines.append(row)
     ref = rows0.get(REFERENCE)
-    lines += ["", "**Cost** per training step (FLOPs: analytic, `lorafast.study.train_flops`; times: median over seeds of each run's median step; "
+    timing = ("the interleaved timing of every configuration in one process (`calibration.json`), the one the "
+              "equal-time plan uses" if ref and ref["time_source"] == "calibration" else
+              "median over seeds of each run's median step")
+    lines += ["", f"**Cost** per training step (FLOPs: analytic, `lorafast.study.train_flops`; times: {timing}; "
               "memory: peak above the process before the model was built).", "",
               "| config | trainable params | GFLOP/step | dW GEMMs skipped | ms/step (wall) | ms/step (CPU) | "
               "tokens/s | optimizer state | checkpoint | peak memory |",
@@ -871,8 +894,8 @@ def render_report(summary: dict[str, Any], image_dir: str = ".") -> str:
         rel = (lambda k: f" ({_pct(r[k], ref[k])})" if ref and c != REFERENCE and r.get(k) and ref.get(k) else "")
         lines.append(
             f"| `{c}` | {r['trainable_params']:,}{rel('trainable_params')} | {r['flops_per_step'] / 1e9:.2f}{rel('flops_per_step')} | "
-            f"{r['weight_grad_skipped'] / 1e9:.2f} | {r['step_ms']:.0f}{rel('step_ms')} | {r['step_cpu_ms']:.0f}{rel('step_cpu_ms')} | "
-            f"{r['tokens_per_s']:,.0f} | {_mb(r['optimizer_state_bytes'])}{rel('optimizer_state_bytes')} | "
+            f"{r['weight_grad_skipped'] / 1e9:.2f} | {r['time_ms']:.0f}{rel('time_ms')} | {r['time_cpu_ms']:.0f}{rel('time_cpu_ms')} | "
+            f"{r['time_tokens_per_s']:,.0f} | {_mb(r['optimizer_state_bytes'])}{rel('optimizer_state_bytes')} | "
             f"{_mb(r['checkpoint_bytes'])}{rel('checkpoint_bytes')} | {_mb(r['peak_memory_bytes'])}{rel('peak_memory_bytes')} |")
     lines.append("")
     for regime in ("steps", "time"):
@@ -906,7 +929,7 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         if ref:
             for key, what in (("flops_per_step", "FLOPs/step"), ("peak_memory_bytes", "peak memory"),
                               ("optimizer_state_bytes", "optimizer state"), ("checkpoint_bytes", "checkpoint bytes"),
-                              ("step_ms", "wall time/step"), ("step_cpu_ms", "CPU time/step")):
+                              ("time_ms", "wall time/step"), ("time_cpu_ms", "CPU time/step")):
                 if r.get(key) is not None and ref.get(key):
                     saves.append(f"{what} {_pct(r[key], ref[key])}")
         quality = []
@@ -925,10 +948,23 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         name = "GPT-2" if c == GPT2 else f"`{c}`"
         out.append(f"{name}: against all-global training, " + (", ".join(saves) if saves else "no cost figures")
                    + ("; " + "; ".join(quality) if quality else "") + ".")
+    # The document's question in one controlled pair: the same tensors, redrawn every batch or drawn once.
+    parts = []
+    for regime, label in (("steps", "equal steps"), ("time", "equal time")):
+        rows = regs.get(regime, {})
+        if "ffn-alt" in rows and "reservoir" in rows:
+            cmp = compare(rows["ffn-alt"]["final"], rows["reservoir"]["final"])
+            side = cmp["lower"] if cmp["delta"] < 0 else cmp["n"] - cmp["lower"]
+            parts.append(f"{cmp['delta']:+.3f} ± {cmp['delta_spread']:.3f} bits/byte at {label} ({cmp['verdict']}; "
+                         f"{'lower' if cmp['delta'] < 0 else 'higher'} in {side}/{cmp['n']} seeds)")
+    if parts:
+        out.append("Re-initialising every batch against drawing once, on the same tensors (`ffn-alt` against "
+                   "`reservoir`: equal savings): " + ", ".join(parts) + ".")
     return out
 
 
 def default_paragraph(summary: dict[str, Any]) -> str:
+    """The paragraph that chooses the default preset (:func:`propose_default`) from the results."""
     d = summary["default"]
     regs = summary["regimes"]
     rows = regs[d["regime"]]
@@ -941,16 +977,28 @@ def default_paragraph(summary: dict[str, Any]) -> str:
             f"{label}, and `{p}` ties with it at fewer FLOPs per step")
     text += (f" ({rows[p]['mean']:.3f} ± {rows[p]['spread']:.3f} bits/byte"
              + (f"; it ties {', '.join(f'`{o}`' for o in others)}" if others else "") + "). ")
-    vs = d["vs_none"]
-    ties = [rg for rg, cmp in vs.items() if cmp and cmp["verdict"] in ("tie", "better")]
-    if len(ties) == len(vs) and vs:
-        text += "It ties or beats all-global training in every regime measured. "
-    elif ties:
-        text += (f"It ties or beats all-global training only at {' and '.join('equal ' + rg for rg in ties)}; "
-                 f"elsewhere it costs quality. ")
+    ref = rows.get(REFERENCE)
+    if ref:
+        saved = [f"{what} {_pct(rows[p][k], ref[k])}" for k, what in (
+            ("flops_per_step", "FLOPs per step"), ("optimizer_state_bytes", "optimizer state"),
+            ("checkpoint_bytes", "checkpoint bytes"), ("peak_memory_bytes", "peak memory"), ("time_ms", "time per step"))
+            if rows[p].get(k) is not None and ref.get(k)]
+        text += f"Against all-global training it changes {', '.join(saved)}. "
+    vs = {rg: cmp for rg, cmp in d["vs_none"].items() if cmp}
+    local = [c for c in PRESETS if c != REFERENCE]
+    tying = {rg: [c for c in local if c in regs[rg] and regs[rg][c].get("vs_none", {}).get("verdict") in ("tie", "better")]
+             for rg in regs}
+    delta = ", ".join(f"{cmp['delta']:+.3f} ± {cmp['delta_spread']:.3f} bits/byte at equal {rg}" for rg, cmp in vs.items())
+    if vs and all(cmp["verdict"] in ("tie", "better") for cmp in vs.values()):
+        text += f"Its quality ties or beats all-global training in every regime measured ({delta}). "
+    elif not any(tying.values()):
+        text += f"No local preset ties all-global training in quality: `{p}` costs {delta}. "
     else:
-        worst = ", ".join(f"{cmp['delta']:+.3f} bits/byte at equal {rg}" for rg, cmp in vs.items() if cmp)
-        text += f"No local preset ties all-global training: `{p}` costs {worst}. "
+        text += f"Its quality against all-global training: {delta}. "
+    g = {rg: cmp for rg, cmp in d["vs_gpt2"].items() if cmp}
+    if g:
+        text += "Against GPT-2 of equal size: " + ", ".join(
+            f"{cmp['delta']:+.3f} ± {cmp['delta_spread']:.3f} bits/byte at equal {rg} ({cmp['verdict']})" for rg, cmp in g.items()) + ". "
     text += (f"The default today is `{d['current']}`; " + ("the results confirm it." if p == d["current"]
              else f"the results support changing it to `{p}`."))
     return text
@@ -979,14 +1027,14 @@ def plot(summary: dict[str, Any], out: str, log=print) -> list[str]:
         for i, c in enumerate(summary["configs"]):
             if c not in rows:
                 continue
-            pts = rows[c]["curve"]
+            pts = rows[c]["curve"][1:]  # from the first evaluation after step 0 (8 bits/byte, off the scale)
             xkey = "step" if regime == "steps" else ("cpu_seconds" if rows[c]["clock"] == "cpu" else "seconds")
             xs = [p[xkey] for p in pts]
-            style = dict(color="black", linestyle="--") if c == GPT2 else (
-                dict(color="0.35", linewidth=2.2) if c == REFERENCE else dict(color=f"C{i % 10}"))
+            style = dict(color="black", linestyle="--", zorder=4) if c == GPT2 else (
+                dict(color="0.35", linewidth=2.4, zorder=3) if c == REFERENCE else dict(color=f"C{i % 10}", zorder=2))
             ax.plot(xs, [p["val_bpb"] for p in pts], label="GPT-2" if c == GPT2 else c, **style)
-            ax.fill_between(xs, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.12, color=style["color"])
-            tails += [p["val_bpb"] for p in pts[len(pts) // 4:]]
+            ax.fill_between(xs, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.12, color=style["color"], zorder=1)
+            tails += [p["val_bpb"] for p in pts[len(pts) // 8:]]
         if tails:
             ax.set_ylim(min(tails) - 0.05, max(tails) + 0.05)
         clock = next(iter(rows.values()))["clock"]
@@ -1008,10 +1056,7 @@ def plot(summary: dict[str, Any], out: str, log=print) -> list[str]:
 def report(out: str, readme: str | None = None, log=print) -> dict[str, Any]:
     """Regenerate everything from the records in ``out``: ``summary.json``, ``REPORT.md``, the
     plots, and (``readme``) the README section between the study markers. Returns the summary."""
-    records = load_records(out)
-    if not records:
-        raise ValueError(f"no study records under {os.path.join(out, RECORDS)}: run `lorafast study --out {out}` first")
-    summary = summarize(records)
+    summary = summary_of(out)
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "REPORT.md"), "w") as f:
         f.write("# Preset study\n\n" + render_report(summary, "."))

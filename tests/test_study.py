@@ -133,7 +133,7 @@ needs_results = pytest.mark.skipif(not os.path.isdir(os.path.join(RESULTS, study
 @needs_results
 def test_readme_section_is_generated_from_the_records():
     # Style rule 19: the README's table, verdicts and default come from the JSON records, untouched.
-    summary = study.summarize(study.load_records(RESULTS))
+    summary = study.summary_of(RESULTS)
     assert study.readme_section(os.path.join(ROOT, "README.md")) == study.render_report(summary, "study")
 
 
