@@ -28,8 +28,9 @@ in two regimes, with every seed:
     (:func:`calibrate`, kept in ``OUT/calibration.json``; on ``--clock wall``, or ``cpu``:
     process CPU time, steadier on a shared machine), so that neither a stall of the machine
     cuts one run short nor a change of load between runs made hours apart tilts the plan; each
-    record carries the time its run actually took. A configuration whose step count equals
-    ``--steps`` reuses its ``steps`` records (the same computation).
+    record carries the time its run actually took. Every configuration runs again in this
+    regime, ``none`` too (same losses as in the steps regime), so that the times on its plot
+    are measured under one condition.
 
 Each run is a fresh process (``--jobs`` at a time, ``--threads`` intra-op threads each) that
 writes one JSON record ``OUT/records/<regime>/<config>/seed<k>.json``; a study that is interrupted
@@ -561,16 +562,8 @@ class Study:
             plan = self.time_plan(self.calibration(log))
             log(f"study: equal-time budget {plan['budget_s']:.1f} s ({plan['clock']} clock): "
                 + ", ".join(f"{c} {n}" for c, n in plan["steps"].items()) + " steps")
-            todo = []
-            for c in self.configs:
-                for s in self.seeds:
-                    spec = self.spec(c, s, "time", plan["steps"][c], plan)
-                    same = self.spec(c, s, "steps", self.steps)
-                    if plan["steps"][c] == self.steps and spec["eval_steps"] == same["eval_steps"]:
-                        self._reuse(same, spec)
-                    else:
-                        todo.append(spec)
-            ran += self._execute(todo, log)
+            ran += self._execute([self.spec(c, s, "time", plan["steps"][c], plan)
+                                  for c in self.configs for s in self.seeds], log)
         return ran
 
     def time_plan(self, calibration: dict[str, Any]) -> dict[str, Any]:
@@ -597,14 +590,6 @@ class Study:
         os.makedirs(self.out, exist_ok=True)
         write_json(path, cal)
         return cal
-
-    def _reuse(self, steps_spec: dict[str, Any], spec: dict[str, Any]) -> None:
-        rec = _read(steps_spec["path"])
-        old = _read(spec["path"], missing_ok=True)
-        if old is not None and identity(old["spec"]) == identity(spec):
-            return
-        os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
-        write_json(spec["path"], {**rec, "regime": "time", "spec": spec, "reused_from": "steps"})
 
     def _execute(self, specs: list[dict[str, Any]], log) -> int:
         todo = []
@@ -859,8 +844,8 @@ def render_report(summary: dict[str, Any], image_dir: str = ".") -> str:
     plan_note = ""
     if time_rows and ref_t:
         plan_note = (f" Equal time: each configuration trains for {ref_t['budget_s']:.1f} s ({ref_t['clock']} clock), the time "
-                     f"`none` takes for {ref_t['steps']} steps, converted into its own step count from its measured "
-                     f"median step time.")
+                     f"`none` takes for {ref_t['steps']} steps, converted into its own step count with the step times "
+                     f"of the interleaved timing (cost table).")
     lines += ["**Quality** (validation bits per byte, lower is better)." + plan_note, ""]
     head = "| config | what is local | equal steps | Δ vs none | Δ vs GPT-2 |"
     sep = "|---|---|---|---|---|"
@@ -977,12 +962,13 @@ def default_paragraph(summary: dict[str, Any]) -> str:
             f"{label}, and `{p}` ties with it at fewer FLOPs per step")
     text += (f" ({rows[p]['mean']:.3f} ± {rows[p]['spread']:.3f} bits/byte"
              + (f"; it ties {', '.join(f'`{o}`' for o in others)}" if others else "") + "). ")
-    ref = rows.get(REFERENCE)
-    if ref:
-        saved = [f"{what} {_pct(rows[p][k], ref[k])}" for k, what in (
+    costs = regs.get("steps") or rows  # the cost table's rows
+    ref = costs.get(REFERENCE)
+    if ref and p in costs:
+        saved = [f"{what} {_pct(costs[p][k], ref[k])}" for k, what in (
             ("flops_per_step", "FLOPs per step"), ("optimizer_state_bytes", "optimizer state"),
             ("checkpoint_bytes", "checkpoint bytes"), ("peak_memory_bytes", "peak memory"), ("time_ms", "time per step"))
-            if rows[p].get(k) is not None and ref.get(k)]
+            if costs[p].get(k) is not None and ref.get(k)]
         text += f"Against all-global training it changes {', '.join(saved)}. "
     vs = {rg: cmp for rg, cmp in d["vs_none"].items() if cmp}
     local = [c for c in PRESETS if c != REFERENCE]
