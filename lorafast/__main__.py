@@ -1,7 +1,8 @@
 """The ``lorafast`` command (``lorafast ...`` or ``python -m lorafast ...``).
 
 ``lorafast bench ...`` goes to :mod:`lorafast.bench.cli` (its own parser takes every flag,
-``--help`` included); every other command to :mod:`lorafast.cli`.
+``--help`` included), ``lorafast study ...`` to :mod:`lorafast.study`; every other command to
+:mod:`lorafast.cli`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from lorafast.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["study"]:
+        from lorafast.study import main as study_main
+
+        return study_main(argv[1:])
     from lorafast.cli import main as cli_main
 
     return cli_main(argv)

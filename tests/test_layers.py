@@ -15,7 +15,7 @@ LAYERS = [  # lowest first; a dotted prefix names every module below it
     {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2", "lorafast.tokenizer",
      "lorafast.classification"},
     {"lorafast.corpus", "lorafast.train", "lorafast.finetune", "lorafast.cli", "lorafast.compile_gate",
-     "lorafast.checkpoint", "lorafast.distributed"},
+     "lorafast.checkpoint", "lorafast.distributed", "lorafast.study"},
     {"lorafast.bench", "lorafast.__main__"},
 ]
 SOURCES = {"lorafast": "lorafast", "lorafast.kernels": "kernels", "lorafast.bench": "bench"}
