@@ -138,6 +138,15 @@ def test_readme_section_is_generated_from_the_records():
 
 
 @needs_results
+def test_default_preset_follows_from_the_records():
+    # Issue 12: the default is the local preset the committed study supports, not a guess.
+    from lorafast.local import DEFAULT_PRESET
+
+    assert DEFAULT_PRESET != "none"
+    assert study.propose_default(study.summary_of(RESULTS))["preset"] == DEFAULT_PRESET
+
+
+@needs_results
 def test_committed_record_is_reproducible():
     """Re-train the first evaluation interval of ffn-alt, seed 0, from its record's own spec:
     the validation figure agrees (bit-identical on one machine; 2e-3 bits/byte allows for other
