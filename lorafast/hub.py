@@ -178,9 +178,10 @@ MODEL_CARD = """---
 # {{ model_name | default("A lorafast model", true) }}
 
 A causal Transformer ({{ class_name | default("LoRA", true) }}) of the lorafast package, trained with
-**Local Random Initialization**: some weights are randomly re-drawn at every training step.
+**Local Random Initialization**: some weights are *local*, random draws that are not trained
+(re-drawn every training step, or drawn once and kept, as the local rules in `config.json` say).
 This is *not* LoRA low-rank adaptation and not a PEFT adapter: the repository holds a whole
-model. The re-drawn tensors are not stored: they are regenerated from the seed and the step
+model. The local tensors are not stored: they are regenerated from the seed and the step
 recorded in `config.json`.
 
 ```python

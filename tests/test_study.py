@@ -147,10 +147,11 @@ def test_default_preset_follows_from_the_records():
 
 
 @needs_results
-def test_committed_record_is_reproducible():
+def test_committed_record_is_reproducible(monkeypatch):
     """Re-train the first evaluation interval of ffn-alt, seed 0, from its record's own spec:
     the validation figure agrees (bit-identical on one machine; 2e-3 bits/byte allows for other
     CPUs' kernels over the steps)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # "auto" = the PyTorch paths, as when recorded
     rec = json.load(open(os.path.join(RESULTS, study.RECORDS, "steps", "ffn-alt", "seed0.json")))
     spec = {**rec["spec"], "train": {**rec["spec"]["train"], "device": "cpu"}}
     first = rec["curve"][1]
