@@ -65,18 +65,16 @@ Cross-device agreement: bit-exact
     interpreter, are tested bit-equal. The values of normals changed once, when this replaced
     torch.log/cos/sin (which agreed only within 4 ulps).
 
-Speed on CPU (``python -m lorafast.bench.rerandomize --device cpu``, case ``large``: 2^20 fp32
-elements; provider ``lorafast`` = the C++ extension, ``numpy`` = the numpy route, ``torch_init`` =
-``torch.nn.init.uniform_`` / ``normal_``; median [p20, p80] in ms over 2 runs on the shared 2-core
-development machine at load average 4.2-4.5):
-    2 threads (default): uniform 0.84-0.92 [0.76-0.79, 1.2-1.3] vs torch.nn.init 3.1 [3.0, 7.1]
-    vs numpy 23; normal 1.35-1.8 [1.3-1.4, 1.7-5.7] vs 3.7-5.4 [3.6-3.7, 7.7] vs 54-55.
-    1 thread (``OMP_NUM_THREADS=1``): uniform 0.77-0.83 [0.73-0.76, 0.85-1.2] vs 3.0-3.1 vs
-    14-22; normal 1.25-1.5 [1.2-1.25, 1.3-1.8] vs 3.6-3.7 vs 33-52.
-So the extension takes 0.26-0.49x the time of torch.nn.init and is 18-41x faster than the numpy
-route. At load average 11-12 (3 runs each) every median is inflated, the ratios hold: 1 thread
-0.10-0.17x torch.nn.init and 45-86x faster than numpy; 2 threads 0.08-0.50x and 19-83x (a helper
-woken on a busy machine can cost the caller its core: 2-thread medians 0.9-8 ms there). The
+Speed on CPU (``python -m lorafast.bench.rerandomize --device cpu [--threads 1]``, case
+``large``: 2^20 fp32 elements; provider ``lorafast`` = the C++ extension, ``numpy`` = the numpy
+route, ``torch_init`` = ``torch.nn.init.uniform_`` / ``normal_``; median ms, one run each,
+2026-11-30 on the idle 2-core development machine, commit 909fb1a):
+    2 threads (default): uniform 0.45 vs torch.nn.init 2.96 vs numpy 13.6;
+                         normal  0.68 vs 3.54 vs 32.2 (p80/p20 <= 1.09 everywhere).
+    1 thread:            uniform 0.77 vs 3.02 vs 13.5; normal 1.28 vs 3.66 vs 32.4.
+So the extension takes 0.15-0.35x the time of torch.nn.init and is 17-47x faster than the numpy
+route. Earlier runs on the same machine shared with other work (load 4-12) gave 0.08-0.50x and
+18-86x: a helper thread woken on a busy machine can cost the caller its core. The
 numpy route (integer Philox in numpy uint64, float maps in ATen ops kept below its parallel grain
 size, see ``chunk_groups``; Box-Muller in numpy float32) is the fallback; the Triton kernel is
 the GPU path.
@@ -84,6 +82,7 @@ the GPU path.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -141,12 +140,25 @@ def splitmix64(x: int) -> int:
 
 
 def derive_key(seed: int, step: int) -> tuple[int, int]:
-    """Philox key (k0, k1), two ints in [0, 2^32), of the draw ``step`` of the stream ``seed``."""
+    """Philox key (k0, k1), two ints in [0, 2^32), of the draw ``step`` of the stream ``seed``.
+    This primitive reduces ``seed`` and ``step`` mod 2^64 (TypeError for a non-int); the public
+    entry points (``rerandomize_``, the models, ``TrainConfig``, the CLI) refuse values outside
+    their ranges with a ValueError before they get here (:mod:`lorafast.checks`)."""
     for name, v in (("seed", seed), ("step", step)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be a Python int, got {type(v).__name__}")
     k = splitmix64(splitmix64(seed & MASK64) ^ (step & MASK64))
     return k & MASK32, k >> 32
+
+
+def _check_key(key: tuple[int, int]) -> None:
+    """A Philox key is two words in [0, 2^32): ValueError otherwise (no silent masking)."""
+    try:
+        ok = len(key) == 2 and all(0 <= operator.index(k) <= MASK32 for k in key)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"key must be two ints in [0, 2^32) (derive_key's output), got {key!r}")
 
 
 def _check_rounds(rounds: int) -> None:
@@ -263,6 +275,7 @@ def group_words(group_start: int, num_groups: int, *, key: tuple[int, int], stre
         raise ValueError(f"group range [{group_start}, {group_start + num_groups}) is out of [0, 2^62)")
     if not 0 <= stream <= MASK32:
         raise ValueError(f"stream id must be in [0, 2^32), got {stream}")
+    _check_key(key)
     out = torch.empty(num_groups, 4, dtype=torch.int64, device=device)
     chunk = chunk_groups(device)
     for s in range(0, num_groups, chunk):
@@ -465,6 +478,7 @@ def _fill_law(code: int, offset: int, numel: int, key, stream: int, rounds: int)
     """fp32 base draws (law ``code`` with scale 1 and shift -0.0, the identity map bit for bit) of
     elements [offset, offset + numel) from the C++ extension, or None when it is not active or
     the arguments are outside its range (the numpy route then draws them or raises)."""
+    _check_key(key)
     if not (0 <= offset and 0 <= numel and offset + numel <= 1 << 62 and 0 <= stream <= MASK32
             and not isinstance(rounds, bool) and isinstance(rounds, int) and rounds >= 1):
         return None

@@ -291,3 +291,23 @@ def test_config_roundtrip():
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert again.local.rules[0].rank == 8 and math.isclose(again.local.rules[0].scale, 1.0)
+
+
+@pytest.mark.parametrize("seed,exc,says", [
+    (2 ** 64, ValueError, r"seed = 18446744073709551616 is out of range \[0, 2\^64\)"),
+    (-1, ValueError, r"seed = -1 is out of range"),
+    (1.5, ValueError, "seed must be an int"),  # the config's type errors are ValueErrors, as before
+])
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_out_of_range_seed_and_step_raise_in_both_models(seed, exc, says, accelerated):
+    # Issue 13 item 2: LoRA(seed=2**64) passed validation, then failed inside torch (Overflow
+    # when unpacking long long); a redraw step outside the int64 step buffer is refused too.
+    import lorafast
+
+    cls = lorafast.LoRA if accelerated else LoRA
+    with pytest.raises(exc, match=says):
+        cls(30, 16, 16, 2, seed=seed)
+    m = cls(30, 16, 16, 2, seed=2 ** 64 - 1)  # the largest seed works
+    for step in (2 ** 63, -1):
+        with pytest.raises(ValueError, match=r"step = .* is out of range \[0, 2\^63\)"):
+            m.redraw_local_(step)

@@ -309,3 +309,30 @@ def test_overlapping_tensors_are_rejected():
     a, b = t[:50], t[50:]  # disjoint views of one storage are fine
     rerandomize_([a, b], seed=0, step=0, init=Normal(), impl="torch")
     assert torch.isfinite(t).all()
+
+
+# Issue 13 item 2: values outside what the draw can represent used to wrap (seed 1 + 2^64 drew
+# exactly seed 1's values; step 2^64 and -1 likewise); every public entry point now refuses them.
+@pytest.mark.parametrize("kw,says", [
+    (dict(seed=1 + 2 ** 64), r"seed = 18446744073709551617 is out of range \[0, 2\^64\)"),
+    (dict(seed=-1), r"seed = -1 is out of range"),
+    (dict(step=2 ** 64), r"step = 18446744073709551616 is out of range \[0, 2\^64\)"),
+    (dict(step=-1), r"step = -1 is out of range"),
+    (dict(ids=[2 ** 32]), r"ids\[0\] = 4294967296 is out of range \[0, 2\^32\)"),
+    (dict(offsets=[-1]), r"offsets\[0\] = -1 is out of range"),
+    (dict(offsets=[2 ** 62]), r"offsets\[0\] = 4611686018427387904 is out of range \[0, 2\^62\)"),
+])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_out_of_range_arguments_raise_instead_of_wrapping(kw, says, impl):
+    t = torch.full((8,), 7.0)
+    with pytest.raises(ValueError, match=says):
+        rerandomize_([t], **{"seed": 1, "step": 0, **kw}, init=Normal(), impl=impl)
+    assert torch.equal(t, torch.full((8,), 7.0))  # raised before anything was written
+
+
+def test_philox_keys_and_streams_refuse_values_that_would_wrap():
+    for key in ((2 ** 32, 0), (0, -1), (1,)):
+        with pytest.raises(ValueError, match="key must be two ints"):
+            philox.uniform(0, 4, key=key, stream=0)
+    with pytest.raises(ValueError, match="stream id"):
+        philox.normal(0, 4, key=(1, 2), stream=2 ** 32)
