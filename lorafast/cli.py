@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import traceback
 import typing
 
 from lorafast.checks import SEED_RANGE
-from lorafast.train import option
+from lorafast.train import flag, option
 
 _EPILOG = """\
 several processes (one node, or several: see the README):
@@ -151,7 +152,9 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
     _add_dataclass_flags(g, GenerateConfig, given_only)
     g.set_defaults(func=_generate)
     f = sub.add_parser("finetune", help="fine-tune a checkpoint for text classification (--data CSV/JSONL, or the "
-                       "built-in demo task)")
+                       "built-in demo task)",
+                       description="Fine-tune a language-model checkpoint (lorafast train --out) for sequence "
+                       "classification; report held-out accuracy and macro-F1 beside the majority class.")
     _add_dataclass_flags(f, FinetuneConfig, given_only)
     f.set_defaults(func=_finetune)
     for s in (t, g, f):
@@ -159,7 +162,17 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
                        help="show the traceback of an error (default: off)")
     sub.add_parser("bench", help="benchmarks and the static compile report (see lorafast bench --help)",
                    add_help=False)
+    sub.add_parser("study", help="the preset study: every preset against all-global training and GPT-2 "
+                   "(see lorafast study --help)", add_help=False)
     return p
+
+
+def _setting_names() -> set[str]:
+    """The field names of every command's settings (each is the flag ``--name-with-dashes``)."""
+    from lorafast.finetune import FinetuneConfig
+    from lorafast.train import TrainConfig
+
+    return {f.name for c in (TrainConfig, GenerateConfig, FinetuneConfig) for f in dataclasses.fields(c)}
 
 
 def _one_line(e: BaseException) -> str:
@@ -169,6 +182,11 @@ def _one_line(e: BaseException) -> str:
 
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
+    if isinstance(e, (ValueError, TypeError)):
+        # a setting's check names its field ("batch_size = 0 is out of range ..."): name the flag
+        m = re.match(r"([a-z][a-z0-9_]*)( = | must )", first)
+        if m and m.group(1) in _setting_names():
+            first = flag(m.group(1)) + first[len(m.group(1)):]
     if isinstance(e, (ValueError, TypeError, OSError, NonFiniteLossError, RankFailure)) and first:
         return first
     return f"{type(e).__name__}: {first} (--debug shows the traceback)"

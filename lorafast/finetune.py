@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lorafast.checkpoint import resolve as resolve_checkpoint
 from lorafast.classification import LoRAForSequenceClassification, pad_batch
 from lorafast.config import DTYPES, PRESETS
 from lorafast.corpus import BUILTIN, DOC_SEP
@@ -69,6 +70,7 @@ class FinetuneConfig:
     dtype: str = _f("float32", "compute dtype (autocast when not float32)", choices=list(DTYPES))
     seed: int = _f(0, "seed of the split, the batches and the score layer's placement in the run")
     out: str = _f("runs/finetune", "output folder: metrics.jsonl and the classifier")
+    overwrite: bool = _f(False, "replace what --out holds (refused otherwise)")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -264,6 +266,13 @@ def with_local_rules(model: LoRAForSequenceClassification, preset: str) -> LoRAF
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the fine-tuning of ``cfg``; returns a summary (metrics, baseline, time, folder)."""
     t0 = time.perf_counter()
+    # A local folder only (no Hub lookup for a mistyped path), and nothing silently replaced.
+    lm_folder = resolve_checkpoint(cfg.checkpoint)
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+        raise ValueError(f"--out {cfg.out} is not empty (a fine-tuning run is there?): pass --overwrite to "
+                         "replace it, or another --out")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file, not a folder")
     device = resolve_device(cfg.device)
     if cfg.data is None:
         train_rows, test_rows = builtin_demo()
@@ -278,7 +287,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     names = _label_order({label for _, label in train_rows})
     label2id = {n: i for i, n in enumerate(names)}
     model = LoRAForSequenceClassification.from_pretrained(
-        cfg.checkpoint, num_labels=len(names), id2label=dict(enumerate(names)), reference=cfg.reference,
+        lm_folder, num_labels=len(names), id2label=dict(enumerate(names)), reference=cfg.reference,
         map_location=str(device))
     if cfg.preset is not None:
         model = with_local_rules(model, cfg.preset)

@@ -543,7 +543,9 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         if cfg.steps != was:
             say(f"lorafast: the run now ends at step {cfg.steps} instead of {was}: the learning-rate schedule "
                 f"is stretched to the new length (lr at step {start}: {lr_at(dataclasses.replace(cfg, steps=was), start):.3g} "
-                f"-> {lr_at(cfg, start):.3g}, then cosine decay to step {cfg.steps})")
+                f"-> {lr_at(cfg, start):.3g}, then "
+                + (f"warmup to step {cfg.warmup} and " if start < cfg.warmup else "")
+                + f"cosine decay to step {cfg.steps})")
     part = (world.rank, world.size)
     val_gen = torch.Generator().manual_seed((cfg.seed + 1) % (1 << 64))
     val_batches = [corpus.batch("val", cfg.batch_size, cfg.seq_len, val_gen, part) for _ in range(cfg.eval_batches)]
@@ -558,6 +560,12 @@ def _train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     say(f"lorafast: {type(model).__module__}.LoRA, {n_params:,} global + {n_local:,} local parameters "
         f"(preset {cfg.preset}), data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} "
         f"val tokens), device {device}, {cfg.dtype}, {thread_count()}{procs}")
+    if cfg.preset != "none" and n_local == 0:
+        say(f"lorafast: warning: preset {cfg.preset} makes no tensor local in a {cfg.num_layers}-block model "
+            "(its rules name none of this model's tensors): this trains a plain Transformer")
+    if cfg.warmup >= cfg.steps:
+        say(f"lorafast: warning: --warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate never reaches "
+            f"--lr {cfg.lr:g}")
     if start >= cfg.steps:
         say(f"lorafast: the run in {cfg.out} already finished its {start} steps; pass --steps N (N > {start}) "
             "to extend it")

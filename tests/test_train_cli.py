@@ -258,9 +258,13 @@ def test_every_numeric_option_is_range_checked(cls, field):
 
 def test_cli_rejects_out_of_range_values_in_one_line(capsys):
     rc, _, err = _run(capsys, "train", "--seed", str(2 ** 64))
-    _one_line_error(rc, err, "seed = 18446744073709551616 is out of range [0, 2^64)")
+    _one_line_error(rc, err, "--seed = 18446744073709551616 is out of range [0, 2^64)")
     rc, _, err = _run(capsys, "generate", "--checkpoint", "x", "--top-k", "0")
-    _one_line_error(rc, err, "top_k = 0 is out of range [1, 2^31)")
+    _one_line_error(rc, err, "--top-k = 0 is out of range [1, 2^31)")  # the flag, not the field
+    rc, _, err = _run(capsys, "train", "--batch-size", "0")
+    _one_line_error(rc, err, "--batch-size = 0 is out of range")
+    rc, _, err = _run(capsys, "finetune", "--steps", "-1")
+    _one_line_error(rc, err, "--steps must be >= 1")
     rc, _, err = _run(capsys, "train", "--steps", "many")
     _one_line_error(rc, err, "--steps", "invalid int value")
 
@@ -379,3 +383,42 @@ def test_help_gives_every_flag_a_text_and_its_default_once(command):
         checked += 1
     assert checked >= {"train": 30, "generate": 8, "finetune": 10}[command]
     assert "torchrun --nproc_per_node=N -m lorafast train" in sub.format_help() if command == "train" else True
+
+
+def test_finetune_wants_a_local_checkpoint_and_keeps_an_earlier_run(tmp_path, capsys, monkeypatch):
+    # A mistyped or missing checkpoint is a one-line error at once (it used to be looked up on
+    # the Hugging Face Hub, 25 s of retries offline); a second fine-tuning into the same --out is
+    # refused unless --overwrite, as lorafast train does.
+    monkeypatch.chdir(tmp_path)
+    for argv in (["finetune"], ["finetune", "--checkpoint", "nosuch"]):
+        rc, _, err = _run(capsys, *argv)
+        _one_line_error(rc, err, "no checkpoint or model folder at")
+        assert "huggingface" not in err.lower()
+    lm = tmp_path / "lm"
+    assert _run(capsys, "train", *SMALL, "--steps", "2", "--out", str(lm))[0] == 0
+    ft = ["finetune", "--checkpoint", str(lm), "--steps", "1", "--eval-every", "0", "--no-progress",
+          "--reference", "--out", str(tmp_path / "ft")]
+    assert _run(capsys, *ft)[0] == 0
+    before = (tmp_path / "ft" / "metrics.jsonl").read_text()
+    rc, _, err = _run(capsys, *ft)
+    _one_line_error(rc, err, "--out", "is not empty", "--overwrite")
+    assert (tmp_path / "ft" / "metrics.jsonl").read_text() == before
+    assert _run(capsys, *ft, "--overwrite")[0] == 0
+
+
+def test_top_level_help_lists_every_command(capsys):
+    rc, out, _ = _run(capsys, "--help")
+    assert rc == 0
+    for command in ("train", "generate", "finetune", "bench", "study"):
+        assert command in out.split("positional arguments")[1], command
+
+
+def test_warnings_for_a_preset_that_makes_nothing_local_and_a_run_shorter_than_warmup(tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", *SMALL, "--num-layers", "1", "--preset", "reservoir", "--steps", "2",
+                      "--out", str(tmp_path / "r"))
+    assert rc == 0
+    assert "warning: preset reservoir makes no tensor local in a 1-block model" in err
+    assert "warning: --warmup 50 >= --steps 2" in err
+    rc, _, err = _run(capsys, "train", *SMALL, "--preset", "reservoir", "--steps", "2", "--warmup", "1",
+                      "--out", str(tmp_path / "s"))
+    assert rc == 0 and "lorafast: warning" not in err
