@@ -365,7 +365,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_inner(
     dk, dv, k, v,
-    q_src, do_src, dqa_ptrs, lse_bh, delta_bh,
+    q_src, do_src, q_off, do_off, dqa_ptrs, lse_bh, delta_bh,
     stride_qt, stride_dot,
     lo, hi, TQ,
     qk_scale,
@@ -377,11 +377,16 @@ def _attn_bwd_inner(
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in the transposed form; with
     ATOMIC_DQ also add this key tile's share of dQ (unscaled) into the fp32 accumulator.
 
-    q_src, do_src: tensor descriptors of this head's Q and dO (USE_TMA), or pointers to the
-    [BLOCK_M, BLOCK_D] tiles at query row ``lo``; dqa_ptrs: the accumulator's [BLOCK_M, BLOCK_D]
-    tile at row 0 of this head. MASKED: apply query < TQ and (IS_CAUSAL)
-    query >= first_row[key] (= key - (TK - TQ)); otherwise every pair is valid.
+    q_src, do_src: tensor descriptors of this head's Q and dO (USE_TMA), or pointers to row 0 of
+    this head, with q_off, do_off the [BLOCK_M, BLOCK_D] tile offsets (unused with TMA);
+    dqa_ptrs: the accumulator's [BLOCK_M, BLOCK_D] tile at row 0 of this head. MASKED: apply
+    query < TQ and (IS_CAUSAL) query >= first_row[key] (= key - (TK - TQ)); otherwise every pair
+    is valid.
     """
+    if not USE_TMA:  # the tiles at query row lo
+        lo64 = lo.to(tl.int64)
+        q_src = q_src + lo64 * stride_qt + q_off
+        do_src = do_src + lo64 * stride_dot + do_off
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + loc_m
         m_mask = rows < TQ
@@ -487,9 +492,13 @@ def _attn_bwd_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, [TQ, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(do_base, [TQ, HEAD_DIM], [stride_dot, 1], [BLOCK_M, BLOCK_D])
+        q_src = tl.make_tensor_descriptor(q_base, [TQ, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_base, [TQ, HEAD_DIM], [stride_dot, 1], [BLOCK_M, BLOCK_D])
+        q_off = 0
+        do_off = 0
     else:
+        q_src = q_base
+        do_src = do_base
         q_off = loc_m[:, None] * stride_qt + offs_d[None, :] * stride_qd     # Q tile [BLOCK_M, BLOCK_D]
         do_off = loc_m[:, None] * stride_dot + offs_d[None, :] * stride_dod  # dO tile [BLOCK_M, BLOCK_D]
     lse_bh = lse_ptr + pid_bh.to(tl.int64) * TQ
@@ -508,43 +517,21 @@ def _attn_bwd_kernel(
         diag_lo = (tl.maximum(start_n - OFF, 0) // BLOCK_M) * BLOCK_M
         diag_hi = tl.minimum(
             ((tl.maximum(start_n + BLOCK_N - OFF, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, TQ)
-        if USE_TMA:
-            q_src = q_desc
-            do_src = do_desc
-        else:
-            lo64 = diag_lo.to(tl.int64)
-            q_src = q_base + lo64 * stride_qt + q_off
-            do_src = do_base + lo64 * stride_dot + do_off
         dk, dv = _attn_bwd_inner(
-            dk, dv, k, v, q_src, do_src, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
+            dk, dv, k, v, q_src, do_src, q_off, do_off, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
             diag_lo, diag_hi, TQ, qk_scale, offs_n - OFF, loc_m, d_mask,
             BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
             ATOMIC_DQ=ATOMIC_DQ, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32, USE_TMA=USE_TMA)
     else:
         diag_hi = start_n * 0
-    if USE_TMA:
-        q_src = q_desc
-        do_src = do_desc
-    else:
-        lo64 = diag_hi.to(tl.int64)
-        q_src = q_base + lo64 * stride_qt + q_off
-        do_src = do_base + lo64 * stride_dot + do_off
     dk, dv = _attn_bwd_inner(
-        dk, dv, k, v, q_src, do_src, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
+        dk, dv, k, v, q_src, do_src, q_off, do_off, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
         diag_hi, t_full, TQ, qk_scale, offs_n - OFF, loc_m, d_mask,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, MASKED=False, EVEN_D=EVEN_D,
         ATOMIC_DQ=ATOMIC_DQ, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32, USE_TMA=USE_TMA)
-    tail_lo = tl.maximum(diag_hi, t_full)
-    if USE_TMA:
-        q_src = q_desc
-        do_src = do_desc
-    else:
-        lo64 = tail_lo.to(tl.int64)
-        q_src = q_base + lo64 * stride_qt + q_off
-        do_src = do_base + lo64 * stride_dot + do_off
     dk, dv = _attn_bwd_inner(
-        dk, dv, k, v, q_src, do_src, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
-        tail_lo, TQ, TQ, qk_scale, offs_n - OFF, loc_m, d_mask,
+        dk, dv, k, v, q_src, do_src, q_off, do_off, dqa_ptrs, lse_bh, delta_bh, stride_qt, stride_dot,
+        tl.maximum(diag_hi, t_full), TQ, TQ, qk_scale, offs_n - OFF, loc_m, d_mask,
         BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, IS_CAUSAL=IS_CAUSAL, MASKED=True, EVEN_D=EVEN_D,
         ATOMIC_DQ=ATOMIC_DQ, DOT_PREC=DOT_PREC, DOT_F32=DOT_F32, USE_TMA=USE_TMA)
 
