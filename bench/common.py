@@ -25,17 +25,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-
-def _git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from lorafast.provenance import git_commit, loadavg, status_kb
 
 
 def device_name(device: str) -> str:
@@ -64,10 +54,10 @@ def env_record(device: str = "cpu") -> dict[str, Any]:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
-        "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_1m": None if (load := loadavg()) is None else round(load, 2),
     }
 
 
@@ -234,23 +224,15 @@ def _resolve(factory: str) -> Callable[..., Callable[[], Any]]:
     return getattr(importlib.import_module(mod), name or "setup")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _cpu_peak_in_this_process(factory: str, kwargs: dict[str, Any]) -> int:
     fn = _resolve(factory)(**kwargs)
     # Reset the high-water mark to the current RSS (Linux: "5" > clear_refs), so that neither
     # setup's transients nor the parent's peak (inherited by ru_maxrss across fork) count.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     fn()
-    return max(0, _status_kb("VmHWM") - base) * 1024
+    return max(0, status_kb("VmHWM") - base) * 1024
 
 
 def peak_memory(factory: str, kwargs: dict[str, Any], device: str = "cpu") -> int:

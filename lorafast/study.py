@@ -56,7 +56,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ import torch.nn as nn
 from lorafast.config import DTYPES
 from lorafast.hub import write_json
 from lorafast.local import DEFAULT_PRESET, PRESETS, LocalConfig, LocalRule, resolve_local
+from lorafast.provenance import git_commit, loadavg, status_kb
 from lorafast.reference import LocalLinear
 
 LN2 = math.log(2.0)
@@ -236,7 +236,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident set
-            self.base = _status_kb("VmRSS") * 1024
+            self.base = status_kb("VmRSS") * 1024
         except OSError:
             self.base = None
 
@@ -245,39 +245,13 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) - self.base
         if self.base is None:
             return None
-        return max(0, _status_kb("VmHWM") * 1024 - self.base)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return max(0, status_kb("VmHWM") * 1024 - self.base)
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +278,7 @@ def run_one(spec: dict[str, Any], stop_after: int | None = None) -> dict[str, An
     from lorafast.train import TrainConfig, evaluate, lr_at, make_optimizer, resolve_device, train_step
 
     torch.set_num_threads(spec["threads"])
-    load0 = _loadavg()
+    load0 = loadavg()
     cfg = TrainConfig(**spec["train"])
     device = resolve_device(cfg.device)
     corpus = load_corpus(None, min_len=cfg.seq_len)
@@ -366,9 +340,9 @@ def run_one(spec: dict[str, Any], stop_after: int | None = None) -> dict[str, An
         "peak_memory_bytes": peak,
         "env": {"machine": machine(device), "device": str(device), "torch": torch.__version__,
                 "transformers": _version("transformers"), "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "commit": _git_commit(),
+                "threads": torch.get_num_threads(), "commit": git_commit(),
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "loadavg_start": load0, "loadavg_end": _loadavg()},
+                "loadavg_start": load0, "loadavg_end": loadavg()},
     }
     if stop_after is None:
         os.makedirs(os.path.dirname(spec["path"]), exist_ok=True)
@@ -431,7 +405,7 @@ def calibrate(specs: list[dict[str, Any]], rounds: int = 5, steps_per_round: int
     from lorafast.train import TrainConfig, lr_at, make_optimizer, resolve_device, train_step
 
     torch.set_num_threads(specs[0]["threads"])
-    load0 = _loadavg()
+    load0 = loadavg()
     runs = []
     for spec in specs:
         cfg = TrainConfig(**spec["train"])
@@ -463,9 +437,9 @@ def calibrate(specs: list[dict[str, Any]], rounds: int = 5, steps_per_round: int
     return {"wall_ms": {c: 1e3 * statistics.median(v) for c, v in wall.items()},
             "cpu_ms": {c: 1e3 * statistics.median(v) for c, v in cpu.items()},
             "rounds": rounds, "steps_per_round": steps_per_round,
-            "env": {"machine": machine(runs[0][2]), "threads": torch.get_num_threads(), "commit": _git_commit(),
+            "env": {"machine": machine(runs[0][2]), "threads": torch.get_num_threads(), "commit": git_commit(),
                     "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "loadavg_start": load0, "loadavg_end": _loadavg()}}
+                    "loadavg_start": load0, "loadavg_end": loadavg()}}
 
 
 def _run_in_child(spec: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import lorafast
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [  # lowest first; a dotted prefix names every module below it
     {"lorafast.kernels"},
-    {"lorafast.checks", "lorafast.init_laws", "lorafast.philox", "lorafast._cpu_ext"},
+    {"lorafast.checks", "lorafast.init_laws", "lorafast.philox", "lorafast._cpu_ext", "lorafast.provenance"},
     {"lorafast.ops"},
     {"lorafast.local", "lorafast.config"},
     {"lorafast.reference", "lorafast.model", "lorafast.hub", "lorafast.gpt2", "lorafast.tokenizer",

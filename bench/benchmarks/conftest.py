@@ -40,6 +40,7 @@ import time
 import pytest
 
 from lorafast.bench import common
+from lorafast.provenance import loadavg
 
 
 def bench_device() -> str:
@@ -198,7 +199,7 @@ def measure(benchmark, request):
         suite = next((k for k, v in SUITES.items() if v == module.__name__), module.__name__)
         benchmark.group = f"{suite}: {_keys(case)}"
         benchmark.extra_info.update(case, threads=torch.get_num_threads(),
-                                    load_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+                                    load_1m=None if (load := loadavg()) is None else round(load, 2))
         benchmark.pedantic(call, setup=round_setup, rounds=rounds, warmup_rounds=1, iterations=1)
         if benchmark.stats is None:  # --benchmark-disable: one call, no statistics
             return
