@@ -159,7 +159,6 @@ def find_loops(instrs: list[Instruction]) -> list[dict]:
     if not instrs:
         return []
     blocks, succ = _basic_blocks(instrs)
-    n = len(blocks)
     order, seen, stack = [], {0}, [(0, iter(succ[0]))]       # reverse post-order from the entry
     while stack:
         node, it = stack[-1]

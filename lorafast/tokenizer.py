@@ -24,7 +24,6 @@ every string encodes (no unknown token) and decodes back to itself. Its files ar
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Iterable, Protocol

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from lorafast import philox
-from lorafast.checks import SEED_RANGE, STEP_RANGE, check_int
+from lorafast.checks import SEED_RANGE, check_int
 from lorafast.init_laws import LAW_NORMAL, LAW_ZEROS, LAWS
 from lorafast.ops._dispatch import select_backend
 
