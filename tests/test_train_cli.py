@@ -100,13 +100,13 @@ def test_crash_keeps_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     assert steps == list(range(0, 13))  # step 0 (initial evaluation), 1..7, then 8..12 after resuming
 
 
-def test_bad_train_config():
+def test_bad_train_config(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         TrainConfig(preset="nope")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
-    with pytest.raises(FileNotFoundError):
-        train(TrainConfig(data="/no/such/file.txt", **TINY))
+    with pytest.raises(FileNotFoundError):  # its own --out: the checkout may hold a user's runs/lorafast
+        train(TrainConfig(data="/no/such/file.txt", out=str(tmp_path / "run"), **TINY))
 
 
 def _cli(*args, cwd=None):
